@@ -1,0 +1,564 @@
+"""The typed config tree of a Sluice run.
+
+    python -m launch.run conf=qwen3-14b-4b launch.dry_run=true      # print resolved config + plan
+    python -m launch.run conf=smoke distillation.max_num_steps=5
+
+One dataclass tree, registered with Hydra's ConfigStore as `sluice_schema`; the YAML recipes in
+`conf/` only override it. Key names follow the runbook's (NeMo-RL) configs so that users keep
+their vocabulary; Sluice's own settings live under `launch` and `queue`.
+
+This module must stay importable without torch or vLLM: the coordinator and the launcher use
+it on login nodes.
+
+Keys the runbook's configs carry that Sluice has no use for are listed in `REFUSED_KEYS` with
+the reason; they fail at load time with that reason instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import II, MISSING
+
+
+@dataclass
+class TokenizerConfig:
+    name: Optional[str] = None
+    """Tokenizer to load (HF id or path). null: the model's own tokenizer."""
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+    """Extra keyword arguments for `apply_chat_template`, e.g. {enable_thinking: true}."""
+
+
+@dataclass
+class DTensorConfig:
+    enabled: bool = True
+    """Must be true: Sluice trains and scores with FSDP2 (DTensor) only."""
+    _v2: bool = True
+    """Accepted for compatibility with the runbook's configs; Sluice always uses FSDP2."""
+    cpu_offload: bool = False
+    """Offload parameters and optimizer state to CPU (FSDP2 CPUOffloadPolicy)."""
+    sequence_parallel: bool = False
+    """Not supported by Sluice; must be false."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass to save memory."""
+    tensor_parallel_size: int = 1
+    """GPUs per model replica. Training: must divide the training role's GPUs. Teacher: the
+    number of GPUs one teacher task shards the model over (the teacher array has
+    role GPUs / tensor_parallel_size tasks)."""
+    context_parallel_size: int = 1
+    """Not supported by Sluice yet; must be 1."""
+    custom_parallel_plan: Optional[str] = None
+    """Not supported by Sluice; must be null."""
+
+
+@dataclass
+class BatchingConfig:
+    enabled: bool = False
+    """Pack micro-batches by a token budget instead of a fixed number of sequences."""
+    train_mb_tokens: Optional[int] = None
+    """Token budget of one training micro-batch. null: max_total_sequence_length * train_micro_batch_size."""
+    logprob_mb_tokens: Optional[int] = None
+    """Token budget of one teacher scoring batch. null: max_total_sequence_length * logprob_batch_size."""
+    sequence_length_round: int = 64
+    """Pad each packed batch's length to a multiple of this."""
+
+
+@dataclass
+class SequencePackingConfig(BatchingConfig):
+    algorithm: str = "modified_first_fit_decreasing"
+    """Packing algorithm (runbook name). Sluice does not implement sequence packing yet."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "torch.optim.AdamW"
+    """Optimizer class. Sluice supports torch.optim.AdamW."""
+    kwargs: Dict[str, Any] = field(
+        default_factory=lambda: {
+            "lr": 2.0e-5,
+            "weight_decay": 0.01,
+            "betas": [0.9, 0.999],
+            "eps": 1e-8,
+            "foreach": False,
+            "fused": False,
+        }
+    )
+    """Keyword arguments of the optimizer."""
+
+
+def _default_scheduler() -> List[Any]:
+    return [
+        {"name": "torch.optim.lr_scheduler.LinearLR",
+         "kwargs": {"start_factor": 0.1, "end_factor": 1.0, "total_iters": 10}},
+        {"name": "torch.optim.lr_scheduler.ConstantLR",
+         "kwargs": {"factor": 1.0, "total_iters": 10000000000}},
+        {"milestones": [10]},
+    ]
+
+
+@dataclass
+class ResourcesConfig:
+    gpus_per_node: Optional[int] = None
+    """GPUs per node for generation when it is not colocated (runbook semantics)."""
+    num_nodes: Optional[int] = None
+    """Nodes for generation when it is not colocated (runbook semantics)."""
+
+
+@dataclass
+class ColocatedConfig:
+    enabled: bool = False
+    """Generation shares training's GPUs. Sluice runs generation as its own Slurm job, so this
+    must be false."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """Generation's resources when not colocated and without resource_isolation; overrides
+    distillation.resource_isolation.roles.generation when set."""
+
+
+@dataclass
+class VllmConfig:
+    async_engine: bool = False
+    """Accepted for compatibility; Sluice's generation worker uses the synchronous LLM engine."""
+    precision: str = II("...precision")
+    """Weight dtype of the engine (bfloat16, float16, float32)."""
+    kv_cache_dtype: str = "auto"
+    """vLLM kv_cache_dtype."""
+    tensor_parallel_size: int = 1
+    """GPUs per vLLM engine; the generation array has role GPUs / tensor_parallel_size tasks."""
+    pipeline_parallel_size: int = 1
+    """Must be 1 in Sluice."""
+    expert_parallel_size: int = 1
+    """Must be 1 in Sluice (Qwen3 dense models)."""
+    gpu_memory_utilization: float = 0.6
+    """Fraction of GPU memory vLLM may take."""
+    max_model_len: int = II("...max_total_sequence_length")
+    """Longest prompt + answer the engine accepts; must be >= max_total_sequence_length."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs."""
+    use_deep_gemm: bool = False
+    """Accepted for compatibility; must be false."""
+    num_last_layers_in_bf16: int = 0
+    """Accepted for compatibility; must be 0."""
+    num_first_layers_in_bf16: int = 0
+    """Accepted for compatibility; must be 0."""
+    distributed_executor_backend: Optional[str] = None
+    """vLLM executor backend (null: vLLM's default; 'uni' runs in-process)."""
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "vllm"
+    """Must be vllm."""
+    max_new_tokens: int = II("..max_total_sequence_length")
+    """Most tokens sampled per answer."""
+    temperature: float = 1.0
+    """Sampling temperature; also the temperature of the distillation loss and teacher scoring."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    top_k: Optional[int] = None
+    """Top-k sampling (null: off)."""
+    stop_token_ids: Optional[List[int]] = None
+    """Extra stop token ids (the tokenizer's EOS always stops)."""
+    stop_strings: Optional[List[str]] = None
+    """Stop strings."""
+    vllm_cfg: VllmConfig = field(default_factory=VllmConfig)
+    """vLLM engine settings."""
+    colocated: ColocatedConfig = field(default_factory=ColocatedConfig)
+    """Colocation with training (must be disabled in Sluice)."""
+
+
+@dataclass
+class PolicyConfig:
+    model_name: str = MISSING
+    """Hugging Face id (resolved from the local cache, never downloaded at run time), a local
+    path, or `tiny:student` / `tiny:teacher` for the built-in tiny models."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer settings."""
+    train_global_batch_size: int = 64
+    """Samples per optimizer step, across all training ranks."""
+    train_micro_batch_size: int = 1
+    """Samples per forward/backward on one rank."""
+    generation_batch_size: int = 64
+    """Prompts submitted to one vLLM engine at once."""
+    logprob_batch_size: int = 1
+    """Sequences per teacher forward (when dynamic batching is off)."""
+    max_total_sequence_length: int = 8192
+    """Longest prompt + response; teacher: longest teacher prompt + response."""
+    precision: str = "bfloat16"
+    """Compute dtype on GPU: bfloat16, float16 or float32 (CPU runs always use float32)."""
+    logprob_chunk_size: Optional[int] = None
+    """Positions per chunk when computing full-vocabulary log-softmax and top-k (null: 1024)."""
+    dtensor_cfg: DTensorConfig = field(default_factory=DTensorConfig)
+    """FSDP2 settings."""
+    dynamic_batching: BatchingConfig = field(default_factory=BatchingConfig)
+    """Token-budget micro-batching."""
+    sequence_packing: SequencePackingConfig = field(default_factory=SequencePackingConfig)
+    """Sequence packing (not implemented by Sluice: must stay disabled)."""
+    max_grad_norm: Optional[float] = 1.0
+    """Gradient clipping norm (null: no clipping)."""
+    make_sequence_length_divisible_by: int = 1
+    """Pad sequence lengths to a multiple of this."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer."""
+    scheduler: List[Any] = field(default_factory=_default_scheduler)
+    """LR schedulers run in sequence (runbook format: a list of {name, kwargs} and one
+    {milestones: [...]} entry)."""
+    generation: Optional[GenerationConfig] = field(default_factory=GenerationConfig)
+    """Sampling settings (the student's; null for the teacher)."""
+
+
+@dataclass
+class TraceExtractorConfig:
+    type: str = "think_tag"
+    """Only think_tag: the trace is a <think>...</think> span."""
+    selection: str = "first"
+    """Only first: the first span."""
+    missing_trace_policy: str = "empty"
+    """empty: the trace is ''; drop_sample: the sample gets no loss."""
+
+
+@dataclass
+class StaticTraceConfig:
+    answer_column: Optional[str] = None
+    """Dataset column holding the trace text when trace_source=static_dataset."""
+
+
+@dataclass
+class ContextMetricsConfig:
+    enabled: bool = True
+    """Log the context_distillation_* metrics each step."""
+
+
+@dataclass
+class ContextDistillationConfig:
+    enabled: bool = False
+    """Turn on context/self-distillation: the teacher is a frozen copy of the student that sees
+    a privileged prefix."""
+    mode: str = "self_frozen"
+    """Only self_frozen (V1)."""
+    problem_source: str = "original_user_problem"
+    """Only original_user_problem (V1): {problem} is the dataset's raw problem text."""
+    teacher_prefix_template: str = (
+        "You are given a problem and a trace: {problem} + {trace}. Solve it on your own."
+    )
+    """The teacher's single user message; must contain {problem} and {trace}."""
+    alignment: str = "response_token_index"
+    """Only response_token_index (V1)."""
+    overflow_policy: str = "truncate_prefix_only"
+    """Only truncate_prefix_only: shorten the trace from its end when the teacher sequence is
+    too long."""
+    frozen_teacher_source: str = "base_model"
+    """Only base_model: the teacher is the student's initial weights."""
+    trace_source: str = "dynamic"
+    """dynamic: the student's own response; static_dataset: a dataset column."""
+    static_trace: StaticTraceConfig = field(default_factory=StaticTraceConfig)
+    """Where a static trace comes from."""
+    trace_extractor: TraceExtractorConfig = field(default_factory=TraceExtractorConfig)
+    """How the trace is taken from its source text."""
+    metrics: ContextMetricsConfig = field(default_factory=ContextMetricsConfig)
+    """Metrics switch."""
+
+
+@dataclass
+class RoleResources:
+    num_nodes: int = 1
+    """Nodes of this role."""
+    gpus_per_node: int = 8
+    """GPUs per node of this role."""
+
+
+@dataclass
+class RolesConfig:
+    training: RoleResources = field(default_factory=RoleResources)
+    """The training job (one torchrun job over its nodes)."""
+    generation: RoleResources = field(default_factory=RoleResources)
+    """The generation array (one vLLM engine per vllm_cfg.tensor_parallel_size GPUs)."""
+    teacher: RoleResources = field(default_factory=RoleResources)
+    """The teacher array (one teacher per teacher.dtensor_cfg.tensor_parallel_size GPUs)."""
+
+
+@dataclass
+class ResourceIsolationConfig:
+    enabled: bool = False
+    """Each role gets whole nodes of its own (roles' nodes must add up to cluster.num_nodes)."""
+    teacher_resident_on_gpu: bool = True
+    """Keep the teacher loaded between steps (Sluice's teacher workers always do: must be true)."""
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    """Resources of each role. Also used without isolation, where roles may share nodes."""
+
+
+@dataclass
+class DistillationConfig:
+    num_prompts_per_step: int = 128
+    """Prompts per distillation step."""
+    num_generations_per_prompt: int = 1
+    """Answers sampled per prompt."""
+    max_rollout_turns: int = 1
+    """Only 1 (single-turn math)."""
+    max_num_steps: int = 1000
+    """Stop after this many steps."""
+    max_num_epochs: int = 10
+    """Stop after this many passes over the training data."""
+    val_batch_size: int = 64
+    """Validation prompts per generation call."""
+    val_period: int = 20
+    """Validate every this many steps (0: never)."""
+    val_at_start: bool = False
+    """Validate before the first step."""
+    val_at_end: bool = False
+    """Validate after the last step."""
+    max_val_samples: int = 512
+    """Most validation prompts used."""
+    topk_logits_k: int = 64
+    """Teacher top-k stored per response token."""
+    seed: int = 42
+    """Seed of data order and sampling."""
+    max_staleness: int = 0
+    """0: generation of step t uses weights of step t-1 (on-policy). 1: generation may run one
+    step ahead, overlapping teacher scoring and training."""
+    context_distillation: ContextDistillationConfig = field(default_factory=ContextDistillationConfig)
+    """Context/self-distillation."""
+    resource_isolation: ResourceIsolationConfig = field(default_factory=ResourceIsolationConfig)
+    """How roles are placed on nodes."""
+
+
+@dataclass
+class LossConfig:
+    kl_type: str = "mixed"
+    """forward, reverse or mixed."""
+    mixed_kl_weight: float = 0.5
+    """Weight of the forward KL when kl_type=mixed."""
+    zero_outside_topk: bool = False
+    """Normalise the student over the full vocabulary and add the tail term (reverse/mixed)."""
+
+
+@dataclass
+class CheckpointingConfig:
+    enabled: bool = True
+    """Write full training checkpoints."""
+    checkpoint_dir: Optional[str] = None
+    """null: RUN_DIR/checkpoints. A relative path is taken relative to RUN_DIR."""
+    metric_name: str = "val:accuracy"
+    """Metric that ranks checkpoints for keep_top_k ('val:' or 'train:' + metric)."""
+    higher_is_better: bool = True
+    """Direction of metric_name."""
+    keep_top_k: Optional[int] = 3
+    """Checkpoints kept (the latest is always kept). null: all."""
+    save_period: int = 10
+    """Checkpoint every this many steps (and at the end)."""
+    checkpoint_must_save_by: Optional[str] = None
+    """Not supported: Sluice handles Slurm's pre-timeout signal instead; must be null."""
+    model_save_format: str = "safetensors"
+    """Only safetensors."""
+    save_consolidated: bool = False
+    """Also export the final student in Hugging Face format under RUN_DIR/final (Sluice always
+    writes weights/<step> in HF format)."""
+
+
+@dataclass
+class DatasetConfig:
+    dataset_name: Optional[str] = None
+    """A known dataset name (DeepScaler, OpenMathInstruct-2, AIME2024, OpenThoughts-114k,
+    ResponseDataset, synthetic_arithmetic) or null."""
+    data_path: Optional[str] = None
+    """A local json/jsonl/parquet file or HF dataset directory (overrides the name's default)."""
+    subset: Optional[str] = None
+    """HF dataset configuration name, e.g. metadata for OpenThoughts-114k."""
+    split: Optional[str] = None
+    """Split to read (null: the dataset's default)."""
+    input_key: Optional[str] = None
+    """Column holding the problem (null: the dataset's default)."""
+    output_key: Optional[str] = None
+    """Column holding the ground-truth answer (null: the dataset's default)."""
+    filter_column: Optional[str] = None
+    """Keep only rows where this column equals filter_value."""
+    filter_value: Optional[str] = None
+    """Value kept by filter_column."""
+    split_validation_size: int = 0
+    """Rows held out of train for validation when no validation dataset is given."""
+    seed: int = 42
+    """Seed of the held-out split."""
+    repeat: int = 1
+    """Repeat each row this many times (validation)."""
+    prompt_file: Optional[str] = None
+    """Overrides data.default.prompt_file for this dataset."""
+    system_prompt_file: Optional[str] = None
+    """Overrides data.default.system_prompt_file for this dataset."""
+    processor: Optional[str] = None
+    """Accepted for compatibility: Sluice has one math processor."""
+    env_name: Optional[str] = None
+    """Accepted for compatibility: Sluice's only environment is math."""
+
+
+@dataclass
+class DataDefaults:
+    prompt_file: Optional[str] = "prompts/cot.txt"
+    """Student prompt wrapper with one {} where the problem goes (null: the raw problem)."""
+    system_prompt_file: Optional[str] = None
+    """System prompt text file (null: no system message)."""
+    env_name: str = "math"
+    """Only math."""
+    processor: str = "math_hf_data_processor"
+    """Accepted for compatibility: Sluice has one math processor."""
+
+
+@dataclass
+class DataConfig:
+    max_input_seq_length: int = II("policy.max_total_sequence_length")
+    """Prompts longer than this (tokens) are skipped and counted."""
+    shuffle: bool = True
+    """Shuffle the training data each epoch (seeded by distillation.seed)."""
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    """Training dataset."""
+    validation: Optional[DatasetConfig] = None
+    """Validation dataset (null: none, or train's split_validation_size held out)."""
+    default: DataDefaults = field(default_factory=DataDefaults)
+    """Settings shared by the datasets."""
+
+
+@dataclass
+class WandbConfig:
+    project: str = "sluice"
+    """wandb project."""
+    name: Optional[str] = None
+    """Run name (null: the run directory's name)."""
+    entity: Optional[str] = None
+    """wandb entity."""
+    mode: Optional[str] = None
+    """online, offline or disabled (null: wandb's default / WANDB_MODE)."""
+
+
+@dataclass
+class TensorboardConfig:
+    log_dir: Optional[str] = None
+    """null: RUN_DIR/tensorboard."""
+
+
+@dataclass
+class GpuMonitoringConfig:
+    collection_interval: int = 10
+    """Seconds between GPU samples."""
+    flush_interval: int = 10
+    """Seconds between writes."""
+
+
+@dataclass
+class LoggerConfig:
+    log_dir: Optional[str] = None
+    """null: RUN_DIR/logs. Accepted for compatibility."""
+    num_val_samples_to_print: int = 5
+    """Validation answers printed per validation."""
+    wandb_enabled: bool = False
+    """Log metrics to wandb (WANDB_API_KEY comes from the environment, never the config)."""
+    tensorboard_enabled: bool = False
+    """Log metrics to TensorBoard."""
+    mlflow_enabled: bool = False
+    """Not supported: must be false."""
+    swanlab_enabled: bool = False
+    """Not supported: must be false."""
+    monitor_gpus: bool = True
+    """Record GPU memory and utilisation per role."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """wandb settings."""
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
+    """TensorBoard settings."""
+    gpu_monitoring: GpuMonitoringConfig = field(default_factory=GpuMonitoringConfig)
+    """GPU monitoring settings."""
+
+
+@dataclass
+class ClusterConfig:
+    num_nodes: int = 1
+    """Nodes of the whole run (all roles)."""
+    gpus_per_node: int = 8
+    """GPUs per node."""
+    partition: Optional[str] = None
+    """Slurm partition (null: the cluster's default)."""
+    account: Optional[str] = None
+    """Slurm account."""
+    qos: Optional[str] = None
+    """Slurm QOS."""
+    time_limit: str = "04:00:00"
+    """Time limit of each role job (HH:MM:SS or D-HH:MM:SS)."""
+    cpus_per_gpu: int = 8
+    """CPUs requested per GPU."""
+    mem_per_gpu_gb: Optional[int] = None
+    """Memory requested per GPU in GB (null: the partition's default)."""
+    setup: List[str] = field(default_factory=list)
+    """Shell lines run before each worker (e.g. module load ...)."""
+
+
+@dataclass
+class LaunchConfig:
+    executor: str = "auto"
+    """slurm, local, or auto (slurm when sbatch is on PATH, else local)."""
+    run_dir: Optional[str] = None
+    """Run directory (null: runs/<name>-<timestamp>). An existing run directory is resumed."""
+    name: Optional[str] = None
+    """Run name (null: the recipe name)."""
+    dry_run: bool = False
+    """Validate, print the resolved config and the partition plan, and exit."""
+    detach: bool = True
+    """Run the coordinator as its own job (Slurm) or background process (local)."""
+    max_retries: int = 3
+    """Resubmissions allowed per role before the run stops."""
+    coordinator_time_limit: str = "2-00:00:00"
+    """Slurm time limit of the coordinator job."""
+
+
+@dataclass
+class QueueConfig:
+    lease_s: float = 120.0
+    """A claim whose heartbeat is older than this is stale and may be broken."""
+    heartbeat_s: float = 15.0
+    """How often a worker refreshes its claims."""
+    poll_s: float = 0.5
+    """How often workers and the coordinator look for new shards."""
+    prompts_per_shard: int = 0
+    """Prompts per prompts shard (0: one shard per generation engine)."""
+
+
+@dataclass
+class SluiceConfig:
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The student."""
+    teacher: PolicyConfig = field(default_factory=lambda: PolicyConfig(generation=None))
+    """The teacher (its generation section is unused)."""
+    loss_fn: LossConfig = field(default_factory=LossConfig)
+    """Distillation loss."""
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    """The algorithm."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and prompts."""
+    env: Dict[str, Any] = field(default_factory=lambda: {"math": {"num_workers": 8}})
+    """Accepted for compatibility (math verification runs in the coordinator)."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Metrics and logs."""
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    """Checkpoints."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """The Slurm allocation."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Sluice: how the run is started."""
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    """Sluice: the run directory queue."""
+
+
+# Keys found in the runbook's configs that Sluice deliberately does not have, with the reason
+# given to the user. Matched on the dotted path (also under teacher.* for policy.* keys).
+REFUSED_KEYS: Dict[str, str] = {
+    "policy.megatron_cfg": "Sluice trains with FSDP2 only (policy.dtensor_cfg); remove megatron_cfg",
+    "policy.offload_optimizer_for_logprob": "the teacher runs in its own job, so there is no "
+    "optimizer to offload while scoring; remove the key",
+    "distillation.val_track_train_metrics": "Sluice always logs train metrics; remove the key",
+    "logger.mlflow": "Sluice logs to wandb and TensorBoard only; remove the key",
+    "logger.swanlab": "Sluice logs to wandb and TensorBoard only; remove the key",
+    "cluster.ray": "Sluice does not use Ray; remove the key",
+}
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="sluice_schema", node=SluiceConfig)

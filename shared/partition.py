@@ -1,0 +1,221 @@
+"""The partition plan: which nodes and GPUs each role gets.
+
+Two layouts, with the runbook's keys:
+
+- `distillation.resource_isolation.enabled=true`: every role gets whole nodes of its own. The
+  roles' nodes must add up to `cluster.num_nodes` and each role must use all of a node's GPUs
+  (the runbook's `must exactly partition cluster nodes` and `enforces node-level role isolation`).
+- otherwise roles may share nodes: each role asks for `num_nodes` x `gpus_per_node` and the
+  roles are packed first-fit onto the cluster's nodes, so a single-node run splits the node's
+  GPUs between roles. Generation's request comes from
+  `policy.generation.colocated.resources` when set (runbook semantics), else from
+  `distillation.resource_isolation.roles.generation`.
+
+Inside a role, the generation array has one task per vLLM engine
+(`policy.generation.vllm_cfg.tensor_parallel_size` GPUs), the teacher array one task per
+teacher replica (`teacher.dtensor_cfg.tensor_parallel_size` GPUs), and training is one
+torchrun job over all its nodes.
+
+The plan is plain data (written to run.json) and is checked again at run time against the
+hosts the workers record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
+
+from shared.config import SluiceConfig
+from shared.errors import config_error
+
+ROLES = ("training", "generation", "teacher")
+# Names of the roles in the log line users already grep for.
+ROLE_LABELS = {"training": "train", "generation": "inference", "teacher": "teacher"}
+
+
+@dataclass
+class RolePlan:
+    role: str
+    num_nodes: int
+    gpus_per_node: int
+    num_tasks: int
+    """Slurm array tasks (generation, teacher) or 1 (training)."""
+    gpus_per_task: int
+    nodes: List[int] = field(default_factory=list)
+    """Logical node indices (0-based) in the cluster the role lives on."""
+    gpu_ids: List[List[int]] = field(default_factory=list)
+    """GPU indices used on each of `nodes`."""
+
+    @property
+    def total_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+
+@dataclass
+class Plan:
+    isolated: bool
+    num_nodes: int
+    gpus_per_node: int
+    roles: Dict[str, RolePlan]
+
+    def summary(self) -> str:
+        return ", ".join(
+            f"{ROLE_LABELS[r]}={p.num_nodes}x{p.gpus_per_node}GPUs" for r, p in self.roles.items()
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        roles = {k: RolePlan(**v) for k, v in d["roles"].items()}
+        return cls(isolated=d["isolated"], num_nodes=d["num_nodes"],
+                   gpus_per_node=d["gpus_per_node"], roles=roles)
+
+    def shared_nodes(self) -> Dict[int, List[str]]:
+        """Logical node -> roles placed on it (only nodes with more than one role)."""
+        by_node: Dict[int, List[str]] = {}
+        for r, p in self.roles.items():
+            for n in p.nodes:
+                by_node.setdefault(n, []).append(r)
+        return {n: rs for n, rs in by_node.items() if len(rs) > 1}
+
+
+def _requests(cfg: SluiceConfig) -> Dict[str, tuple]:
+    roles = cfg.distillation.resource_isolation.roles
+    req = {r: (getattr(roles, r).num_nodes, getattr(roles, r).gpus_per_node) for r in ROLES}
+    res = cfg.policy.generation.colocated.resources
+    if not cfg.distillation.resource_isolation.enabled and (
+        res.num_nodes is not None or res.gpus_per_node is not None
+    ):
+        req["generation"] = (
+            res.num_nodes if res.num_nodes is not None else req["generation"][0],
+            res.gpus_per_node if res.gpus_per_node is not None else req["generation"][1],
+        )
+    return req
+
+
+def _check_isolation(cfg: SluiceConfig) -> None:
+    iso = cfg.distillation.resource_isolation
+    cl = cfg.cluster
+    if cfg.policy.generation.colocated.enabled:
+        raise config_error(
+            "distillation.resource_isolation.enabled", value=True,
+            problem="distillation.resource_isolation.enabled=true requires "
+            "policy.generation.colocated.enabled=false",
+            fix="set policy.generation.colocated.enabled=false",
+        )
+    nodes = {r: getattr(iso.roles, r).num_nodes for r in ROLES}
+    if sum(nodes.values()) != cl.num_nodes:
+        raise config_error(
+            "distillation.resource_isolation.roles", value=None,
+            problem="resource isolation must exactly partition cluster nodes: training.num_nodes "
+            f"({nodes['training']}) + generation.num_nodes ({nodes['generation']}) + "
+            f"teacher.num_nodes ({nodes['teacher']}) = {sum(nodes.values())}, but "
+            f"cluster.num_nodes={cl.num_nodes}",
+            fix="make the roles' num_nodes add up to cluster.num_nodes (and to sbatch -N)",
+        )
+    for r in ROLES:
+        g = getattr(iso.roles, r).gpus_per_node
+        if g != cl.gpus_per_node:
+            raise config_error(
+                f"distillation.resource_isolation.roles.{r}.gpus_per_node", value=g,
+                problem="resource isolation enforces node-level role isolation: each role's "
+                f"gpus_per_node must equal cluster.gpus_per_node ({cl.gpus_per_node})",
+                fix=f"set distillation.resource_isolation.roles.{r}.gpus_per_node="
+                f"{cl.gpus_per_node}, or disable resource_isolation to share nodes",
+            )
+
+
+def _place(cfg: SluiceConfig, req: Dict[str, tuple]) -> Dict[str, tuple]:
+    """First-fit packing of role requests onto nodes; returns role -> (nodes, gpu_ids)."""
+    cl = cfg.cluster
+    free = [list(range(cl.gpus_per_node)) for _ in range(cl.num_nodes)]
+    placed = {}
+    # Biggest per-node requests first so whole-node roles are not fragmented by small ones.
+    for r in sorted(ROLES, key=lambda r: (-req[r][1], ROLES.index(r))):
+        n, g = req[r]
+        chosen = [i for i, f in enumerate(free) if len(f) >= g][:n]
+        if len(chosen) < n:
+            want = ", ".join(f"{x}={req[x][0]}x{req[x][1]}GPUs" for x in ROLES)
+            raise config_error(
+                "cluster", value=f"{cl.num_nodes}x{cl.gpus_per_node}GPUs",
+                problem=f"the roles do not fit the cluster: they ask for {want}",
+                fix="lower the roles' num_nodes/gpus_per_node "
+                "(distillation.resource_isolation.roles.*, "
+                "policy.generation.colocated.resources) or raise cluster.num_nodes",
+            )
+        ids = []
+        for i in chosen:
+            ids.append(free[i][:g])
+            free[i] = free[i][g:]
+        placed[r] = (chosen, ids)
+    return placed
+
+
+def plan(cfg: SluiceConfig) -> Plan:
+    """Validate the layout keys and compute the plan. Raises ConfigError."""
+    cl = cfg.cluster
+    for key, v in (("cluster.num_nodes", cl.num_nodes), ("cluster.gpus_per_node", cl.gpus_per_node)):
+        if v < 1:
+            raise config_error(key, value=v, problem="must be at least 1", fix=f"set {key}>=1")
+    iso = cfg.distillation.resource_isolation
+    if iso.enabled:
+        _check_isolation(cfg)
+    elif cfg.policy.generation.colocated.enabled:
+        raise config_error(
+            "policy.generation.colocated.enabled", value=True,
+            problem="Sluice runs generation as its own Slurm job, which cannot share GPUs with "
+            "the training job",
+            fix="set policy.generation.colocated.enabled=false and give generation its GPUs with "
+            "policy.generation.colocated.resources.{num_nodes,gpus_per_node} (or use "
+            "distillation.resource_isolation)",
+        )
+    if not iso.teacher_resident_on_gpu:
+        raise config_error(
+            "distillation.resource_isolation.teacher_resident_on_gpu", value=False,
+            problem="Sluice's teacher runs in its own job and always stays loaded on its GPUs",
+            fix="set distillation.resource_isolation.teacher_resident_on_gpu=true",
+        )
+    req = _requests(cfg)
+    for r, (n, g) in req.items():
+        if n < 1 or g < 1:
+            raise config_error(
+                f"distillation.resource_isolation.roles.{r}", value=f"{n}x{g}",
+                problem="every role needs at least one node and one GPU",
+                fix=f"set roles.{r}.num_nodes>=1 and roles.{r}.gpus_per_node>=1",
+            )
+        if g > cl.gpus_per_node:
+            raise config_error(
+                f"distillation.resource_isolation.roles.{r}.gpus_per_node", value=g,
+                problem=f"more GPUs than a node has (cluster.gpus_per_node={cl.gpus_per_node})",
+                fix=f"use at most {cl.gpus_per_node} GPUs per node for each role",
+            )
+    placed = _place(cfg, req)
+
+    per_task = {
+        "generation": ("policy.generation.vllm_cfg.tensor_parallel_size",
+                       cfg.policy.generation.vllm_cfg.tensor_parallel_size),
+        "teacher": ("teacher.dtensor_cfg.tensor_parallel_size",
+                    cfg.teacher.dtensor_cfg.tensor_parallel_size),
+    }
+    roles = {}
+    for r in ROLES:
+        n, g = req[r]
+        if r == "training":
+            tasks, gpt = 1, n * g
+        else:
+            key, tp = per_task[r]
+            if tp < 1 or g % tp:
+                raise config_error(
+                    key, value=tp,
+                    problem=f"must divide the {r} role's GPUs per node ({g}): one "
+                    f"{'vLLM engine' if r == 'generation' else 'teacher replica'} lives on one node",
+                    fix=f"choose a divisor of {g}",
+                )
+            tasks, gpt = n * g // tp, tp
+        nodes, ids = placed[r]
+        roles[r] = RolePlan(role=r, num_nodes=n, gpus_per_node=g, num_tasks=tasks,
+                            gpus_per_task=gpt, nodes=nodes, gpu_ids=ids)
+    return Plan(isolated=iso.enabled, num_nodes=cl.num_nodes, gpus_per_node=cl.gpus_per_node,
+                roles=roles)

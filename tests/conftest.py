@@ -1,0 +1,12 @@
+"""Shared test set-up: offline everything, the local Slurm cluster fixture, tiny models."""
+
+import os
+
+# Nothing in the tests may download: models and data are built in-process or shipped small.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+pytest_plugins = ["tests.slurm_fixture"]
