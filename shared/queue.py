@@ -1,0 +1,987 @@
+"""The filesystem queue: shards, commit records, claims and quarantine under RUN_DIR/steps.
+
+    from shared.queue import RunDir, StageQueue
+    q = StageQueue(RunDir("runs/x"), step=7, stage="rollouts")
+    q.expect(8)                                  # coordinator: the stage has 8 shards
+    while not q.is_complete():                   # a worker
+        c = q.claim_next()                       # None: everything left is claimed by others
+        if c is None: time.sleep(1); continue
+        with c.start_heartbeat():                # refreshes the lease until released
+            q.commit(c.index, make_table(c.index), claim=c)
+    table = q.read(3)                            # checksum-verified pyarrow.Table
+
+On-disk layout of one stage directory, ``RUN_DIR/steps/<step:06d>/<stage>/``:
+
+    shard-00003.arrow             the shard: an Arrow IPC file (schema: shared/schemas.py);
+                                  never pickled, so reading it never runs code
+    shard-00003.arrow.meta.json   its commit record; the shard is committed iff this exists:
+                                  {"format": "sluice.shard-record/1", "index": 3, "rows": 16,
+                                   "bytes": 123456, "checksum": "xxh3_128:<hex of file bytes>",
+                                   "schema_version": 1, "compression": null, "commit_id": "<uuid>",
+                                   "committed_at": <unix s>, "committed_by": {owner}, "extra": {}}
+    shard-00003.arrow.claim       a live claim: {"format": "sluice.claim/1", "claim_id", "index",
+                                   "job_id", "task_id", "host", "pid", "claimed_at", "heartbeat"}
+    EXPECTED.json                 {"format": "sluice.expected/1", "expected": 8}, set once
+    MANIFEST.json                 summary derived from EXPECTED.json and every commit record:
+                                  {"format": "sluice.manifest/1", "step", "stage", "expected",
+                                   "committed": {"shard-00003.arrow": <record>, ...},
+                                   "n_committed", "rows", "bytes", "complete"}
+    quarantine/shard-00003.arrow.<utc>.<rand>              a shard that failed verification
+    quarantine/shard-00003.arrow.<utc>.<rand>.reason.json  why: {"reason", "record", ...}
+    .shard-00003.arrow.<host>.<pid>.<rand>.tmp             a write in progress (or orphaned)
+
+Commit protocol (why each step is there):
+  1. Serialize the table straight into a temp file in the same directory; fsync; hash the
+     file's bytes (xxh3_128 over an mmap of the page cache: ~10x faster than the disk). A
+     killed writer leaves only a temp file, never a partial final name.
+  2. If the shard was already committed, delete its record first: between the data replace
+     and the new record, a reader then sees "not committed", never old record + new bytes.
+  3. ``os.replace`` the temp file onto ``shard-XXXXX.arrow``.
+  4. Write the record atomically (temp + fsync + replace), then fsync the directory once.
+     Data before record: a writer killed between 3 and 4 leaves an unrecorded file that is
+     simply redone. (Should a machine crash persist the record's rename but not the data's,
+     the checksum catches it: the shard is quarantined and redone.)
+  5. Refresh MANIFEST.json (atomic replace, not fsync'd: it is derived, see below).
+
+Why the manifest can never lose an entry: the records are the truth, one file per shard,
+each written by the only process that committed that shard, so concurrent commits never
+touch the same file. MANIFEST.json is only ever rebuilt from a directory scan of all
+records, never read-modify-written, and atomically replaced. A committer that replaced it
+rescans afterwards and rewrites until the scan equals what it wrote (stopping early if the
+file already equals its scan). So the last writer's last act is a scan taken after its
+replace that the file matches: every record written before that scan is in the file, and
+any record written after it belongs to a committer that refreshes after it. No lock is
+needed (flock is unreliable on some cluster filesystems). Readers that need the truth
+(``committed``, ``pending``, ``read``) use the records themselves. On filesystems whose
+directory listings can be stale across nodes (NFS attribute caching), ``verify`` rewrites a
+manifest that disagrees with the records.
+
+Claims: ``shard-XXXXX.arrow.claim`` created with O_CREAT|O_EXCL, so one creator wins. The
+holder keeps the file open and refreshes ``heartbeat`` by rewriting *its own open file*
+(pwrite + ftruncate), never by path: writing by path could overwrite the claim of a worker
+that broke ours. A claim is stale when ``now - max(heartbeat, file mtime) > lease_s``
+(hosts' clocks must agree to well within ``lease_s``; NTP does). Breaking a stale claim:
+rename it to a unique ``.broken.<uuid>`` name (one renamer wins), then check that the
+renamed file is the one judged stale (same inode and claim_id); if it is not, we moved a
+fresh claim created by another breaker, so we put it back with ``os.link`` (atomic, fails
+if the name is taken) and lose. Only the winner then creates a new claim with O_EXCL. A
+holder detects that its claim was broken (the path no longer names its open file) in
+``heartbeat``/``held``, and ``commit(..., claim=c)`` refuses to commit for a lost claim.
+``claim`` checks for a commit record *after* acquiring, so a shard committed and released
+by another worker a moment earlier is never redone. What leases cannot exclude: a worker
+frozen for longer than the lease (no heartbeat) that wakes between its last ``held``
+check and its replace; its commit then atomically replaces an equivalent shard (stages
+are idempotent), and each commit gets its own record, so nothing is counted twice.
+Heartbeat every ``lease_s / 4`` or more often (``Claim.start_heartbeat``).
+
+Integrity: ``read`` and ``verify`` check size, checksum, Arrow parse, row count and schema
+version against the record. A mismatch moves the file to ``quarantine/`` with a reason
+file, deletes the record (the shard is pending again, so a worker redoes it) and raises
+``CorruptShardError``. A schema version mismatch raises ``SchemaVersionError`` and leaves
+the file alone: it is not damage, and redoing it is an operator's decision.
+
+Names from outside (steps, stages, shard indices, relative paths) are validated; anything
+that would resolve outside RUN_DIR (``..``, absolute paths, escaping symlinks) raises
+ValueError.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import mmap
+import operator
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import xxhash
+
+from shared import schemas
+from shared.schemas import check_stage
+
+log = logging.getLogger("sluice.queue")
+
+MAX_STEP = 999_999  # six digits keep steps/ lexically sorted
+MAX_SHARDS = 100_000  # five digits
+MANIFEST = "MANIFEST.json"
+EXPECTED = "EXPECTED.json"
+QUARANTINE = "quarantine"
+RECORD_SUFFIX = ".meta.json"
+CLAIM_SUFFIX = ".claim"
+COMPRESSIONS = (None, "zstd")
+_SHARD_RE = re.compile(r"shard-(\d{5})\.arrow")
+_HASH = "xxh3_128"
+
+
+class CorruptShardError(Exception):
+    """A committed shard failed verification; it was quarantined and is pending again."""
+
+    def __init__(self, path: Path, reason: str, quarantined_to: Path | None, stage: str, step: int):
+        self.path, self.reason, self.quarantined_to = path, reason, quarantined_to
+        where = f"moved to {quarantined_to}" if quarantined_to else "file already gone"
+        super().__init__(
+            f"{path}: corrupt shard ({reason}); {where}, and the shard is pending again. "
+            f"Running {schemas.PRODUCER[stage]} workers redo it; if none are running: "
+            f"python -m launch.resubmit RUN_DIR --stage {schemas.PRODUCER[stage]} --step {step}"
+        )
+
+
+class NotCommittedError(LookupError):
+    """The shard has no commit record (it is pending, or being redone)."""
+
+
+class ClaimLostError(RuntimeError):
+    """The claim was broken by another worker (our heartbeat was older than the lease)."""
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def check_step(step: Any) -> int:
+    if isinstance(step, bool):
+        raise ValueError(f"step={step!r} must be an int in [0, {MAX_STEP}]")
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise ValueError(f"step={step!r} must be an int in [0, {MAX_STEP}]") from None
+    if not 0 <= value <= MAX_STEP:
+        raise ValueError(f"step={step!r} must be an int in [0, {MAX_STEP}]")
+    return value
+
+
+def check_shard_index(index: Any) -> int:
+    if isinstance(index, bool):
+        raise ValueError(f"shard index {index!r} must be an int in [0, {MAX_SHARDS})")
+    try:
+        value = operator.index(index)
+    except TypeError:
+        raise ValueError(f"shard index {index!r} must be an int in [0, {MAX_SHARDS})") from None
+    if not 0 <= value < MAX_SHARDS:
+        raise ValueError(f"shard index {index!r} must be an int in [0, {MAX_SHARDS})")
+    return value
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{check_shard_index(index):05d}.arrow"
+
+
+def parse_shard_name(name: str) -> int:
+    """The index of ``shard-XXXXX.arrow``; anything else (paths, ``..``) raises ValueError."""
+    m = _SHARD_RE.fullmatch(name) if isinstance(name, str) else None
+    if m is None:
+        raise ValueError(f"{name!r} is not a shard file name (expected shard-XXXXX.arrow, 5 digits)")
+    return int(m.group(1))
+
+
+# ------------------------------------------------------------------- file primitives
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(final: Path) -> Path:
+    # Leading dot: never matched as a shard; host+pid: verify can say who left it.
+    return final.with_name(f".{final.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True, fsync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never a mix."""
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    if fsync_dir:
+        _fsync_dir(path.parent)
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    """The manifest with one shard record per line: readable, and encoded by json's C
+    encoder (``indent`` switches to the pure-Python one, quadratic over a stage's commits)."""
+    head = {k: v for k, v in manifest.items() if k != "committed"}
+    lines = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
+    records = [f"  {json.dumps(name)}: {json.dumps(rec, sort_keys=True)}" for name, rec in manifest["committed"].items()]
+    body = "{\n" + "\n".join(lines) + '\n "committed": {' + ("\n" + ",\n".join(records) + "\n }" if records else "}")
+    return (body + "\n}\n").encode()
+
+
+def _load_json(path: Path) -> Any:
+    """Parsed JSON, or None when the file is absent."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _open_sink(path: Path) -> pa.NativeFile:
+    """Where a shard is serialized: Arrow's own file writer, no Python in the data path."""
+    return pa.OSFile(str(path), "wb")
+
+
+def _file_checksum(fd: int) -> tuple[int, str]:
+    """Size and checksum of an open file, hashed through mmap (no copy of the bytes)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0, _checksum(b"")
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+        return size, _checksum(m)
+
+
+def _checksum(data) -> str:
+    return f"{_HASH}:{xxhash.xxh3_128(data).hexdigest()}"
+
+
+# ------------------------------------------------------------------------- run dir
+
+
+class RunDir:
+    """A run directory; every path handed out is checked to lie inside it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(os.path.realpath(path))
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def path(self, *parts: str | os.PathLike) -> Path:
+        """``root/parts...`` after refusing absolute parts, ``..`` and symlinks escaping root."""
+        for part in parts:
+            p = Path(part)
+            if p.is_absolute() or ".." in p.parts:
+                raise ValueError(f"path part {str(part)!r} must be relative to {self.root} without '..'")
+        candidate = self.root.joinpath(*parts)
+        resolved = Path(os.path.realpath(candidate))
+        if os.path.commonpath([resolved, self.root]) != str(self.root):
+            raise ValueError(
+                f"{candidate} resolves to {resolved}, outside the run directory {self.root}; "
+                "remove the symlink that points out of it"
+            )
+        return candidate
+
+    def step_dir(self, step: int) -> Path:
+        return self.path("steps", f"{check_step(step):06d}")
+
+    def stage_dir(self, step: int, stage: str) -> Path:
+        return self.path("steps", f"{check_step(step):06d}", check_stage(stage))
+
+    def shard_path(self, step: int, stage: str, index: int) -> Path:
+        return self.path("steps", f"{check_step(step):06d}", check_stage(stage), shard_name(index))
+
+    def stage(self, step: int, stage: str, **kwargs) -> "StageQueue":
+        return StageQueue(self, step, stage, **kwargs)
+
+
+# -------------------------------------------------------------------------- claims
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a claim; recorded in claims and commit records."""
+
+    job_id: str | None
+    task_id: str | None
+    host: str
+    pid: int
+
+    @classmethod
+    def from_env(cls) -> "Owner":
+        env = os.environ
+        # SLUICE_JOB_ID is the job id as submitit and the coordinator know it ("123_4" for an
+        # array task; a pid for the local executor), so the coordinator can find a dead job's claims.
+        return cls(
+            job_id=env.get("SLUICE_JOB_ID") or env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID"),
+            task_id=env.get("SLUICE_TASK_ID") or env.get("SLURM_ARRAY_TASK_ID") or env.get("SLURM_PROCID"),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
+
+
+@dataclass
+class _ClaimSeen:
+    """What a would-be breaker saw of a claim file: enough to recognise that exact file later."""
+
+    dev: int
+    ino: int
+    mtime_ns: int
+    size: int
+    info: dict | None  # parsed JSON, None while being written or if damaged
+
+    @property
+    def heartbeat(self) -> float:
+        hb = self.info.get("heartbeat") if isinstance(self.info, dict) else None
+        mtime = self.mtime_ns / 1e9
+        return max(float(hb), mtime) if isinstance(hb, (int, float)) else mtime
+
+    def same_file(self, other: "_ClaimSeen") -> bool:
+        if (self.dev, self.ino) != (other.dev, other.ino):
+            return False
+        if isinstance(self.info, dict) and isinstance(other.info, dict):
+            # Inode numbers are reused once a file is deleted; the claim_id is not.
+            return self.info.get("claim_id") == other.info.get("claim_id")
+        return (self.mtime_ns, self.size) == (other.mtime_ns, other.size)
+
+
+def _look(path: Path) -> _ClaimSeen | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        raw = os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        info = None  # the holder is between ftruncate and write: its mtime is fresh
+    return _ClaimSeen(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, info)
+
+
+class Claim:
+    """A held claim on one shard. Use as a context manager, or call ``release``."""
+
+    def __init__(self, path: Path, index: int, owner: Owner, lease_s: float, fd: int, info: dict):
+        self.path, self.index, self.owner, self.lease_s = path, index, owner, lease_s
+        self.claim_id = info["claim_id"]
+        self._fd: int | None = fd
+        self._info = info
+        self._io_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def __repr__(self) -> str:
+        return f"Claim({str(self.path)!r}, lost={self.lost})"
+
+    def held(self) -> bool:
+        """True while ``path`` still names the file we created (nobody broke the claim)."""
+        with self._io_lock:
+            if self._fd is None:
+                return False
+            try:
+                mine, now = os.fstat(self._fd), os.stat(self.path)
+            except FileNotFoundError:
+                self.lost = True
+                return False
+            if (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino):
+                self.lost = True
+            return not self.lost
+
+    def heartbeat(self) -> bool:
+        """Refresh the lease; False (and ``lost``) when the claim was broken meanwhile."""
+        if not self.held():
+            return False
+        with self._io_lock:
+            if self._fd is None:
+                return False
+            self._info["heartbeat"] = time.time()
+            data = _json_bytes(self._info)
+            # Through our own descriptor: only ever touches the file we created.
+            os.pwrite(self._fd, data, 0)
+            os.ftruncate(self._fd, len(data))
+            os.fsync(self._fd)
+        return self.held()
+
+    def start_heartbeat(self, interval_s: float | None = None) -> "Claim":
+        """Heartbeat from a daemon thread every ``interval_s`` (default lease/4) until released."""
+        if self._thread is None:
+            interval = self.lease_s / 4 if interval_s is None else interval_s
+
+            def loop() -> None:
+                while not self._stop.wait(interval):
+                    if not self.heartbeat():
+                        log.warning("%s: claim lost (broken by another worker after the lease expired)", self.path)
+                        return
+
+            self._thread = threading.Thread(target=loop, name=f"heartbeat-{self.path.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def release(self) -> None:
+        """Stop heartbeating and remove the claim file if it is still ours. Idempotent."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._io_lock:
+            fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            st = os.fstat(fd)
+            mine = _ClaimSeen(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, dict(self._info))
+            if not self.lost:
+                # Same rename-check-restore as breaking: never unlink someone else's claim.
+                _displace(self.path, mine)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _displace(path: Path, seen: _ClaimSeen) -> bool:
+    """Remove the claim file at ``path`` iff it is the file ``seen`` describes.
+
+    Rename first (atomic, one winner), then check what we renamed; a different file (a
+    fresh claim) is linked back, which fails harmlessly if the name was taken meanwhile.
+    """
+    aside = path.with_name(f"{path.name}.broken.{uuid.uuid4().hex}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    got = _look(aside)
+    if got is not None and seen.same_file(got):
+        _unlink(aside)
+        return True
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        log.warning("%s: displaced a live claim that could not be restored; its holder will see it lost", path)
+    _unlink(aside)
+    return False
+
+
+# ----------------------------------------------------------------------- the queue
+
+
+@dataclass
+class VerifyReport:
+    """What ``StageQueue.verify`` found and did."""
+
+    stage_dir: str
+    expected: int | None
+    committed: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    corrupt: list[dict] = field(default_factory=list)  # {index, path, reason, quarantined_to}
+    orphaned: list[dict] = field(default_factory=list)  # {path, kind, action}
+    stale_claims: list[dict] = field(default_factory=list)  # {index, path, age_s, holder, action}
+    manifest_rewritten: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """No damage and no leftovers (pending shards are normal work, not a problem)."""
+        return not (self.corrupt or self.orphaned or self.stale_claims)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+class StageQueue:
+    """The shards of one ``(step, stage)``: expect, claim, commit, read, verify."""
+
+    def __init__(
+        self,
+        run_dir: RunDir | str | os.PathLike,
+        step: int,
+        stage: str,
+        *,
+        lease_s: float = 120.0,
+        compression: str | None = None,
+    ):
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.step = check_step(step)
+        self.stage = check_stage(stage)
+        self.dir = self.run_dir.stage_dir(self.step, self.stage)
+        if not lease_s >= 0:
+            raise ValueError(f"lease_s={lease_s!r} must be >= 0 seconds")
+        self.lease_s = float(lease_s)
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression={compression!r}; valid: {COMPRESSIONS}")
+        self.compression = compression
+        self._records_cache: dict[str, tuple[tuple, dict | None]] = {}
+
+    def __repr__(self) -> str:
+        return f"StageQueue({str(self.dir)!r})"
+
+    # -- paths
+    def shard_path(self, index: int) -> Path:
+        # Re-validated on every use: a shard file swapped for an escaping symlink is refused.
+        return self.run_dir.shard_path(self.step, self.stage, index)
+
+    def _record_path(self, index: int) -> Path:
+        return self.dir / (shard_name(index) + RECORD_SUFFIX)
+
+    def _claim_path(self, index: int) -> Path:
+        return self.dir / (shard_name(index) + CLAIM_SUFFIX)
+
+    def _ensure_dir(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    # -- expected shards
+    def expect(self, n_shards: int) -> None:
+        """Declare that the stage has ``n_shards`` shards (0..n-1). Fixed once set."""
+        if isinstance(n_shards, bool) or not isinstance(n_shards, int) or not 0 <= n_shards <= MAX_SHARDS:
+            raise ValueError(f"n_shards={n_shards!r} must be an int in [0, {MAX_SHARDS}]")
+        self._ensure_dir()
+        path = self.dir / EXPECTED
+        tmp = _temp_name(path)
+        with open(tmp, "xb") as f:
+            f.write(_json_bytes({"format": "sluice.expected/1", "expected": n_shards}))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # create-if-absent with full content, atomically
+        except FileExistsError:
+            current = self.expected()
+            if current != n_shards:
+                raise ValueError(
+                    f"{path}: the stage already expects {current} shards, not {n_shards}; a stage's "
+                    "shard count is fixed once set (redo it by removing the stage directory)"
+                ) from None
+        finally:
+            _unlink(tmp)
+        _fsync_dir(self.dir)
+        self._refresh_manifest()
+
+    def expected(self) -> int | None:
+        data = _load_json(self.dir / EXPECTED)
+        return None if data is None else int(data["expected"])
+
+    # -- records
+    def _scan(self) -> dict[int, dict]:
+        """All commit records, by index (the truth about what is committed)."""
+        records: dict[int, dict] = {}
+        seen = set()
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            return records
+        for e in entries:
+            if not e.name.endswith(RECORD_SUFFIX):
+                continue
+            try:
+                index = parse_shard_name(e.name[: -len(RECORD_SUFFIX)])
+                st = e.stat()
+            except (ValueError, FileNotFoundError):
+                continue
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            seen.add(e.name)
+            cached = self._records_cache.get(e.name)
+            if cached is None or cached[0] != key:
+                try:
+                    rec = _load_json(Path(e.path))
+                except ValueError:
+                    rec = None  # damaged by hand: verify reports it
+                cached = (key, rec if isinstance(rec, dict) else None)
+                self._records_cache[e.name] = cached
+            if cached[1] is not None:
+                records[index] = cached[1]
+        for name in set(self._records_cache) - seen:
+            del self._records_cache[name]
+        return records
+
+    def committed(self) -> dict[int, dict]:
+        """Committed shards: index -> commit record."""
+        return dict(sorted(self._scan().items()))
+
+    def record(self, index: int) -> dict | None:
+        try:
+            rec = _load_json(self._record_path(index))
+        except ValueError:
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def pending(self) -> list[int]:
+        """Expected shards without a commit record (claimed or not), in index order."""
+        n = self.expected()
+        if n is None:
+            raise ValueError(f"{self.dir}: no {EXPECTED}; the coordinator calls expect(n_shards) first")
+        done = self._scan()
+        return [i for i in range(n) if i not in done]
+
+    def is_complete(self) -> bool:
+        n = self.expected()
+        return n is not None and not self.pending()
+
+    # -- manifest
+    def _manifest(self) -> dict:
+        records = self._scan()
+        n = self.expected()
+        committed = {shard_name(i): records[i] for i in sorted(records)}
+        return {
+            "format": "sluice.manifest/1",
+            "step": self.step,
+            "stage": self.stage,
+            "expected": n,
+            "committed": committed,
+            "n_committed": len(committed),
+            "rows": sum(int(r.get("rows", 0)) for r in committed.values()),
+            "bytes": sum(int(r.get("bytes", 0)) for r in committed.values()),
+            "complete": n is not None and all(shard_name(i) in committed for i in range(n)),
+        }
+
+    def manifest(self) -> dict | None:
+        """MANIFEST.json as last written (a summary; ``committed()`` is the truth)."""
+        try:
+            return _load_json(self.dir / MANIFEST)
+        except ValueError:
+            return None
+
+    def _refresh_manifest(self) -> bool:
+        """Rewrite MANIFEST.json until it equals a scan taken after our last write.
+
+        Returns True if it wrote. See the module docstring for why this never loses entries.
+        """
+        written = None
+        wrote = False
+        for _ in range(1000):
+            want = self._manifest()
+            if want == written or (written is None and want == self.manifest()):
+                return wrote
+            # Derived data: atomic but not fsync'd, a crash at worst leaves an older summary,
+            # which verify() rewrites. Skipping the fsync keeps commits near copy speed.
+            _atomic_write_bytes(self.dir / MANIFEST, _manifest_bytes(want), fsync=False, fsync_dir=False)
+            written, wrote = want, True
+        raise RuntimeError(f"{self.dir}: manifest did not settle after 1000 rewrites")
+
+    # -- claims
+    def claim(self, index: int, owner: Owner | None = None, *, if_pending: bool = True) -> Claim | None:
+        """Claim shard ``index``; None if someone else holds a fresh claim.
+
+        A stale claim is broken (race-safe). With ``if_pending`` a shard that is already
+        committed is not claimed (checked after acquiring, so a worker that committed and
+        released just before us is seen); pass False to redo a committed shard.
+        """
+        index = check_shard_index(index)
+        owner = owner or Owner.from_env()
+        self._ensure_dir()
+        path = self._claim_path(index)
+        for _ in range(2):
+            claim = self._create_claim(path, index, owner)
+            if claim is None:
+                seen = _look(path)
+                if seen is None:
+                    continue  # released between our create and look: try once more
+                age = time.time() - seen.heartbeat
+                if age <= self.lease_s:
+                    return None
+                if not _displace(path, seen):
+                    return None
+                log.warning(
+                    "%s: broke a stale claim (heartbeat %.1fs old > lease %.1fs) held by %s",
+                    path, age, self.lease_s, seen.info,
+                )
+                claim = self._create_claim(path, index, owner)
+                if claim is None:
+                    return None
+            if if_pending and self._record_path(index).exists():
+                claim.release()
+                return None
+            return claim
+        return None
+
+    def _create_claim(self, path: Path, index: int, owner: Owner) -> Claim | None:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        except FileExistsError:
+            return None
+        now = time.time()
+        info = {"format": "sluice.claim/1", "claim_id": uuid.uuid4().hex, "index": index,
+                **asdict(owner), "claimed_at": now, "heartbeat": now}
+        try:
+            # No fsync: until the first heartbeat flushes it, another node may see an empty
+            # claim, which counts as fresh by its mtime. Creation itself is atomic (O_EXCL).
+            os.write(fd, _json_bytes(info))
+        except BaseException:
+            os.close(fd)
+            _unlink(path)
+            raise
+        return Claim(path, index, owner, self.lease_s, fd, info)
+
+    def claim_next(self, owner: Owner | None = None, candidates: Iterable[int] | None = None) -> Claim | None:
+        """Claim the first claimable shard of ``candidates`` (default: ``pending()``), or None."""
+        owner = owner or Owner.from_env()
+        for index in self.pending() if candidates is None else candidates:
+            claim = self.claim(index, owner)
+            if claim is not None:
+                return claim
+        return None
+
+    def break_claims(self, job_id: str) -> list[int]:
+        """Break every claim of this stage held by Slurm job ``job_id`` (known dead); returns indices.
+
+        Race-safe like breaking a stale claim: only the exact file read as ``job_id``'s is
+        removed, never a claim another worker created meanwhile.
+        """
+        broken = []
+        try:
+            entries = [e.name for e in os.scandir(self.dir) if e.name.endswith(CLAIM_SUFFIX)]
+        except FileNotFoundError:
+            return broken
+        for name in sorted(entries):
+            if not _SHARD_RE.fullmatch(name[: -len(CLAIM_SUFFIX)]):
+                continue
+            seen = _look(self.dir / name)
+            if seen is not None and seen.info and str(seen.info.get("job_id")) == str(job_id):
+                if _displace(self.dir / name, seen):
+                    broken.append(parse_shard_name(name[: -len(CLAIM_SUFFIX)]))
+        if broken:
+            log.warning("%s: broke claims of dead job %s on shards %s", self.dir, job_id, broken)
+        return broken
+
+    def claim_info(self, index: int) -> dict | None:
+        """The claim file's JSON (None if unclaimed or being written), plus its ``age_s``."""
+        seen = _look(self._claim_path(index))
+        if seen is None or seen.info is None:
+            return None
+        return {**seen.info, "age_s": time.time() - seen.heartbeat}
+
+    # -- commit / read
+    def commit(
+        self,
+        index: int,
+        table: pa.Table,
+        extra_meta: dict | None = None,
+        *,
+        claim: Claim | None = None,
+        owner: Owner | None = None,
+    ) -> dict:
+        """Write ``table`` as shard ``index`` atomically and record it; returns the record.
+
+        ``table`` must carry this stage's schema (build it with ``schemas.build_table``).
+        With ``claim``, refuses (ClaimLostError) if the claim was broken meanwhile.
+        ``extra_meta`` (JSON-serialisable) is stored in the record's ``extra``.
+        """
+        index = check_shard_index(index)
+        final = self.shard_path(index)
+        schemas.check_schema(table.schema, self.stage, source=f"table for {final}")
+        if claim is not None and claim.path != self._claim_path(index):
+            raise ValueError(f"{claim} is not a claim on {final}")
+        extra = json.loads(json.dumps(extra_meta or {}))  # fail now, not after writing
+        self._ensure_dir()
+        tmp = _temp_name(final)
+        options = pa.ipc.IpcWriteOptions(compression=self.compression)
+        try:
+            with _open_sink(tmp) as sink, pa.ipc.new_file(sink, table.schema, options=options) as w:
+                w.write_table(table)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # flushes the file's data whichever descriptor wrote it
+                size, checksum = _file_checksum(fd)  # from the page cache, ~10x disk speed
+            finally:
+                os.close(fd)
+            if claim is not None and not claim.held():
+                raise ClaimLostError(
+                    f"{claim.path}: claim lost before commit (heartbeat older than lease "
+                    f"{claim.lease_s}s); another worker redoes {final}. Heartbeat more often "
+                    "(Claim.start_heartbeat) or raise queue.lease_s"
+                )
+            _unlink(self._record_path(index))
+            os.replace(tmp, final)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        record = {
+            "format": "sluice.shard-record/1",
+            "index": index,
+            "rows": table.num_rows,
+            "bytes": size,
+            "checksum": checksum,
+            "schema_version": schemas.SCHEMA_VERSION,
+            "compression": self.compression,
+            "commit_id": uuid.uuid4().hex,
+            "committed_at": time.time(),
+            "committed_by": asdict(claim.owner if claim is not None else owner or Owner.from_env()),
+            "extra": extra,
+        }
+        # One directory fsync for both renames. If a crash persisted the record's rename but
+        # not the data's, the checksum no longer matches and the shard is quarantined and
+        # redone: integrity never depends on rename ordering, only durability does.
+        _atomic_write_bytes(self._record_path(index), _json_bytes(record), fsync_dir=False)
+        _fsync_dir(self.dir)
+        self._refresh_manifest()
+        return record
+
+    def _check(self, index: int, record: dict) -> tuple[pa.Table | None, str | None]:
+        """(table, None) if the file matches ``record``, else (None, reason)."""
+        path = self.shard_path(index)
+        try:
+            # Into Arrow's memory pool, which recycles freed buffers: a fresh 10 MB bytes
+            # object per read costs thousands of page faults on a busy node.
+            with pa.OSFile(str(path), "rb") as f:
+                data = f.read_buffer()
+        except FileNotFoundError:
+            return None, "file missing"
+        if data.size != record.get("bytes"):
+            return None, f"size {data.size} bytes, record says {record.get('bytes')}"
+        checksum = _checksum(data)
+        if checksum != record.get("checksum"):
+            return None, f"checksum {checksum}, record says {record.get('checksum')}"
+        try:
+            table = pa.ipc.open_file(data).read_all()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            return None, f"not a readable Arrow IPC file: {e}"
+        if table.num_rows != record.get("rows"):
+            return None, f"{table.num_rows} rows, record says {record.get('rows')}"
+        return table, None
+
+    def read(self, index: int) -> pa.Table:
+        """The committed shard ``index``, verified against its record.
+
+        Raises NotCommittedError if it has no record, CorruptShardError (after quarantining
+        it) if it does not match, SchemaVersionError if written by another schema version.
+        """
+        index = check_shard_index(index)
+        path = self.shard_path(index)
+        for _ in range(3):
+            record = self.record(index)
+            if record is None:
+                raise NotCommittedError(
+                    f"{path}: not committed (no {path.name}{RECORD_SUFFIX}); it is pending or being redone"
+                )
+            table, reason = self._check(index, record)
+            if reason is None:
+                schemas.check_schema(table.schema, self.stage, source=str(path))
+                return table
+            if self.record(index) != record:
+                continue  # recommitted while we read: the mismatch was the redo, not damage
+            dest = self._quarantine(index, reason, record)
+            raise CorruptShardError(path, reason, dest, self.stage, self.step)
+        raise NotCommittedError(f"{path}: recommitted three times while being read; retry")
+
+    def quarantine(self, index: int, reason: str) -> Path | None:
+        """Move shard ``index`` to ``quarantine/`` with a reason file; the shard becomes pending."""
+        index = check_shard_index(index)
+        return self._quarantine(index, reason, self.record(index))
+
+    def _quarantine(self, index: int, reason: str, record: dict | None) -> Path | None:
+        """Quarantine the file; drop the commit record only if it is still ``record``.
+
+        ``record=None`` (an unrecorded file) leaves records alone: one that appears meanwhile
+        belongs to a new commit. Any race with a concurrent redo ends with the shard pending
+        or freshly committed, never with a record that vouches for the wrong bytes.
+        """
+        path = self.shard_path(index)
+        qdir = self.dir / QUARANTINE
+        qdir.mkdir(exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        dest = qdir / f"{path.name}.{stamp}.{secrets.token_hex(3)}"
+        try:
+            os.rename(path, dest)
+            moved: Path | None = dest
+        except FileNotFoundError:
+            moved = None
+        info = {"reason": reason, "record": record, "shard": str(path), "moved_to": str(moved) if moved else None,
+                "time": time.time(), "by": asdict(Owner.from_env())}
+        _atomic_write_bytes(dest.with_name(dest.name + ".reason.json"), _json_bytes(info))
+        current = self.record(index)
+        if record is not None and current is not None and current.get("commit_id") == record.get("commit_id"):
+            _unlink(self._record_path(index))
+        _fsync_dir(self.dir)
+        self._refresh_manifest()
+        log.warning("%s: quarantined (%s) to %s; the shard is pending again", path, reason, moved)
+        return moved
+
+    # -- verify
+    def verify(self, *, deep: bool = True, repair: bool = False) -> VerifyReport:
+        """Check every committed shard (``deep``: checksum + parse, else size only) and list leftovers.
+
+        Corrupt shards are always quarantined (pending again). With ``repair``: orphaned temp
+        files and claim leftovers are deleted, unrecorded shard files quarantined, stale
+        claims broken. Leftovers younger than ``lease_s`` may belong to a live writer and
+        are not reported. MANIFEST.json is rewritten when it disagrees with the records.
+        """
+        report = VerifyReport(str(self.dir), self.expected())
+        if not self.dir.exists():
+            report.pending = list(range(report.expected or 0))
+            return report
+        now = time.time()
+        records = self._scan()
+        for index, record in sorted(records.items()):
+            path = self.shard_path(index)
+            if deep:
+                _, reason = self._check(index, record)
+            else:
+                try:
+                    size = path.stat().st_size
+                    reason = None if size == record.get("bytes") else f"size {size}, record says {record.get('bytes')}"
+                except FileNotFoundError:
+                    reason = "file missing"
+            if reason is not None and self.record(index) == record:
+                dest = self._quarantine(index, reason, record)
+                report.corrupt.append({"index": index, "path": str(path), "reason": reason,
+                                       "quarantined_to": str(dest) if dest else None})
+        records = self._scan()
+        report.committed = sorted(records)
+        if report.expected is not None:
+            report.pending = [i for i in range(report.expected) if i not in records]
+
+        known = {MANIFEST, EXPECTED, QUARANTINE} | {shard_name(i) + RECORD_SUFFIX for i in records}
+        for e in os.scandir(self.dir):
+            name = e.name
+            if name in known:
+                continue
+            try:
+                age = now - e.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if _SHARD_RE.fullmatch(name):
+                if parse_shard_name(name) not in records and age > self.lease_s:
+                    action = "quarantined" if repair else "none"
+                    if repair:
+                        self._quarantine(parse_shard_name(name), "shard file without a commit record", None)
+                    report.orphaned.append({"path": e.path, "kind": "unrecorded shard", "action": action})
+            elif name.endswith(CLAIM_SUFFIX) and _SHARD_RE.fullmatch(name[: -len(CLAIM_SUFFIX)]):
+                index = parse_shard_name(name[: -len(CLAIM_SUFFIX)])
+                seen = _look(Path(e.path))
+                if seen is None:
+                    continue
+                claim_age = now - seen.heartbeat
+                if claim_age > self.lease_s:
+                    action = "broken" if repair and _displace(Path(e.path), seen) else "none"
+                    report.stale_claims.append({"index": index, "path": e.path, "age_s": round(claim_age, 3),
+                                                "holder": seen.info, "committed": index in records,
+                                                "action": action})
+            elif age > self.lease_s:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    kind = "temp file (a writer died mid-write)"
+                elif ".claim.broken." in name:
+                    kind = "claim set aside by a breaker that died"
+                elif name.endswith(RECORD_SUFFIX):
+                    kind = "unreadable or misnamed commit record"
+                else:
+                    kind = "unexpected file"
+                deletable = not kind.startswith("unexpected") and not name.endswith(RECORD_SUFFIX)
+                action = "deleted" if repair and deletable and _unlink(Path(e.path)) else "none"
+                report.orphaned.append({"path": e.path, "kind": kind, "action": action})
+        report.manifest_rewritten = self._refresh_manifest()
+        return report

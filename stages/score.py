@@ -1,0 +1,649 @@
+"""The teacher: score every rollout's response tokens with the frozen teacher's top-k log-probs.
+
+    python -m stages.score RUN_DIR                   # long-lived worker over all active steps
+    python -m stages.score RUN_DIR --step 3          # every pending scored shard of step 3, then exit
+    python -m stages.score RUN_DIR --step 3 --once   # only what is claimable now, then exit
+    torchrun --standalone --nproc_per_node 4 -m stages.score RUN_DIR   # one teacher over 4 GPUs
+
+Input ``steps/<t>/rollouts/shard-k.arrow`` -> output ``steps/<t>/scored/shard-k.arrow`` (same
+rows, same order; columns in shared/schemas.py). The scored shard is claimed only once its
+rollouts shard is committed; the commit record's ``extra`` holds ``{"score_s", "tokens",
+"dropped_samples"}`` (seconds spent scoring, teacher tokens forwarded, rows with
+``sample_mask == 0``).
+
+What is computed (DESIGN section 4). For each row the teacher reads ``teacher_prompt_ids +
+response_ids`` (plain distillation: the teacher prompt is the row's ``prompt_ids``; context
+distillation passes its own prompts to ``score_shard``). Response token i is predicted at
+teacher position ``len(teacher_prompt_ids) - 1 + i`` (stored as ``alignment_offset``). The
+transformer body runs once per batch; the LM head then runs only at response positions, in
+chunks of ``teacher.logprob_chunk_size`` positions (default 1024): ``logits / T`` (T =
+``policy.generation.temperature``), log-softmax over the full vocabulary in fp32, top-k
+(``distillation.topk_logits_k``). The fp32 chunk is the only ``[positions, vocab]`` tensor and
+the log-softmax is done in place on it, so peak memory is ``chunk * vocab * 4`` bytes, never
+``sequence * vocab``. A row whose teacher sequence is longer than
+``teacher.max_total_sequence_length`` is dropped: ``sample_mask = 0``, empty top-k, counted.
+
+Batching. Sequences are sorted by length and packed greedily into batches whose padded size
+(rows * longest) fits ``teacher.dynamic_batching.logprob_mb_tokens`` (when dynamic batching is
+enabled) or ``teacher.max_total_sequence_length * teacher.logprob_batch_size``. Padding is on
+the right and no attention mask is passed: with causal attention a real token never attends
+to a later position, so right padding cannot change any real position's output, and the
+attention kernel keeps its fast causal path.
+
+Sharding (a task with G > 1 GPUs, under torchrun). The teacher is sharded with FSDP2
+(``fully_shard`` per decoder layer, then the root, both resharding after forward), so each
+GPU holds 1/G of the weights plus one layer at a time. Every rank receives the same rows but
+forwards its OWN batches (batches are assigned largest-first to the least-loaded rank), with
+FSDP all-gathering each layer's weights as it goes: G times the throughput of every rank
+forwarding the same batch. FSDP's all-gathers are collectives, so every rank runs the same
+number of forwards: a rank with fewer batches runs one-token dummy forwards. The LM head and
+embeddings belong to the root, which stays unsharded for the whole forward, so the chunk
+loop (whose length differs between ranks) runs no collectives. Results are all-gathered, and
+rank 0 alone claims, reads, heartbeats and commits; it broadcasts each unit of work (or
+"idle" every ``queue.poll_s``, so followers never sit in a collective long enough to hit a
+timeout). Loading: every rank builds the model on the meta device and shards it; rank 0 alone
+reads the checkpoint and broadcasts it tensor by tensor (``set_model_state_dict`` with
+``broadcast_from_rank0``), so host memory holds one copy of the weights, not G.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import heapq
+import io
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shared import schemas
+from shared.config import SluiceConfig
+from shared.models import TINY_PREFIX, find_model, tiny_models_dir
+from shared.queue import ClaimLostError, CorruptShardError, Owner, RunDir, StageQueue
+from shared.worker import Worker, active_steps, load_run_config
+
+log = logging.getLogger("sluice.score")
+
+DEFAULT_CHUNK = 1024
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class _Scorer(nn.Module):
+    """The causal LM wrapped so that one ``forward`` does body + chunked head + top-k.
+
+    Being one module matters under FSDP2: the root's pre-forward hook unshards the
+    embeddings and LM head once for the whole forward, so the per-chunk head calls (a number
+    that differs between ranks) are plain matmuls, not collectives.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, *,
+                temperature: float, k: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k ``(logprobs fp32, ids int64)``, ``[len(rows), k]``, at ``input_ids[rows, positions]``."""
+        hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        picked = hidden[rows, positions]  # [N, H]: only the positions that predict response tokens
+        del hidden
+        head = self.lm.get_output_embeddings()
+        n = picked.shape[0]
+        values = torch.empty(n, k, dtype=torch.float32, device=picked.device)
+        ids = torch.empty(n, k, dtype=torch.int64, device=picked.device)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            # .float() of a low-precision head output is a fresh fp32 tensor (of an fp32 one,
+            # the head's own fresh output), so everything below may work in place on it.
+            x = head(picked[start:end]).float()
+            x.div_(temperature)
+            # log_softmax(x) = (x - max) - log(sum(exp(x - max))), done in place so the chunk
+            # costs one [chunk, vocab] fp32 buffer instead of three (x/T, exp, result).
+            x.sub_(x.amax(dim=-1, keepdim=True))
+            top_values, top_ids = x.topk(k, dim=-1)
+            log_norm = x.exp_().sum(dim=-1, keepdim=True).log_()
+            values[start:end] = top_values - log_norm
+            ids[start:end] = top_ids
+            del x
+        return values, ids
+
+
+@dataclasses.dataclass
+class Teacher:
+    """A loaded, frozen teacher and the scoring settings (``dataclasses.replace`` to vary them)."""
+
+    scorer: _Scorer
+    name: str
+    """cfg.teacher.model_name, recorded in every scored row."""
+    device: torch.device
+    temperature: float
+    topk: int
+    chunk_size: int
+    """Positions per LM-head chunk."""
+    mb_tokens: int
+    """Padded tokens (rows * longest sequence) per forward."""
+    max_seq_len: int
+    """Longer teacher sequences (teacher prompt + response) are dropped."""
+    pad_id: int
+    sharded: bool = False
+    """FSDP2 over the default process group: score_rows is then a collective."""
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.scorer.lm
+
+
+def resolve_model(name: str) -> Path:
+    """The local directory of ``name``; the built-in tiny models are built on first use."""
+    if name.startswith(TINY_PREFIX):
+        from shared.tiny import build_tiny_models
+
+        build_tiny_models(tiny_models_dir())
+    path = find_model(name)
+    if path is None or not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"teacher.model_name={name!r}: no model found on local disk (HF cache, a directory "
+            "with config.json, or tiny:teacher). Fix: download it on a node with internet "
+            f"(huggingface-cli download {name}) into the cache the compute nodes share"
+        )
+    return path
+
+
+def _settings(cfg: SluiceConfig) -> dict:
+    """Scoring settings from the config, each checked with the key named in the error."""
+    t = cfg.teacher
+    chunk = t.logprob_chunk_size if t.logprob_chunk_size is not None else DEFAULT_CHUNK
+    batching = t.dynamic_batching
+    if batching.enabled and batching.logprob_mb_tokens is not None:
+        mb_tokens = batching.logprob_mb_tokens
+    else:
+        if batching.logprob_mb_tokens is not None:
+            log.warning("teacher.dynamic_batching.logprob_mb_tokens=%s is ignored because "
+                        "teacher.dynamic_batching.enabled=false; batches hold "
+                        "max_total_sequence_length * logprob_batch_size tokens",
+                        batching.logprob_mb_tokens)
+        mb_tokens = t.max_total_sequence_length * t.logprob_batch_size
+    checks = {
+        "teacher.logprob_chunk_size": chunk,
+        "teacher.max_total_sequence_length": t.max_total_sequence_length,
+        "teacher batch token budget (teacher.dynamic_batching.logprob_mb_tokens or "
+        "max_total_sequence_length * logprob_batch_size)": mb_tokens,
+        "distillation.topk_logits_k": cfg.distillation.topk_logits_k,
+    }
+    for key, value in checks.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r} must be a positive integer")
+    temperature = cfg.policy.generation.temperature
+    if not temperature > 0:
+        raise ValueError(f"policy.generation.temperature={temperature!r} must be > 0: the teacher "
+                         "divides its logits by it")
+    return dict(temperature=float(temperature), topk=cfg.distillation.topk_logits_k,
+                chunk_size=chunk, mb_tokens=mb_tokens, max_seq_len=t.max_total_sequence_length)
+
+
+def compute_dtype(cfg: SluiceConfig, device: torch.device) -> torch.dtype:
+    if cfg.teacher.precision not in DTYPES:
+        raise ValueError(f"teacher.precision={cfg.teacher.precision!r}; valid: {', '.join(DTYPES)}")
+    # CPU runs are tests and smoke runs: float32 keeps them comparable with vLLM's CPU numerics.
+    return torch.float32 if device.type == "cpu" else DTYPES[cfg.teacher.precision]
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_teacher(cfg: SluiceConfig, device: Optional[torch.device] = None) -> Teacher:
+    """Load ``cfg.teacher.model_name`` once, frozen; FSDP2-sharded when the default process
+    group has more than one rank (then every rank must call this)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = device or default_device()
+    dtype = compute_dtype(cfg, device)
+    settings = _settings(cfg)
+    path = resolve_model(cfg.teacher.model_name)
+    sharded = dist.is_initialized() and dist.get_world_size() > 1
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError(f"teacher.model_name={cfg.teacher.model_name!r} soft-caps its logits "
+                         "(final_logit_softcapping), which Sluice's chunked LM head does not apply")
+    vocab = config.get_text_config().vocab_size
+    if settings["topk"] > vocab:
+        raise ValueError(f"distillation.topk_logits_k={settings['topk']} exceeds the teacher's "
+                         f"vocabulary ({vocab})")
+    if not sharded:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        scorer = _Scorer(lm)
+    else:
+        scorer = _load_sharded(path, config, dtype, device)
+    scorer.eval().requires_grad_(False)
+    pad = getattr(config.get_text_config(), "pad_token_id", None)
+    return Teacher(scorer=scorer, name=cfg.teacher.model_name, device=device,
+                   pad_id=int(pad) if pad is not None else 0, sharded=sharded, **settings)
+
+
+def _load_sharded(path: Path, config, dtype: torch.dtype, device: torch.device) -> _Scorer:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    rank = dist.get_rank()
+    with torch.device("meta"):
+        scorer = _Scorer(AutoModelForCausalLM.from_config(config, dtype=dtype))
+    layers = getattr(scorer.lm.base_model, "layers", None)
+    if layers is None:
+        raise ValueError(f"{path}: {type(scorer.lm).__name__} has no base_model.layers to shard "
+                         "per decoder layer; Sluice's teacher supports decoder-only HF models")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    # Explicit True: the root's default keeps its weights gathered after forward (useful for
+    # training's backward), which here would pin the embeddings and LM head on every rank.
+    fully_shard(scorer, mesh=mesh, reshard_after_forward=True)
+    scorer.to_empty(device=device)
+    full = None
+    if rank == 0:
+        full = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    state = {f"lm.{k}": v for k, v in full.state_dict().items()} if full is not None else {}
+    set_model_state_dict(scorer, state, options=StateDictOptions(full_state_dict=True,
+                                                                 broadcast_from_rank0=True))
+    # Non-persistent buffers (rotary inv_freq) are not in the state dict and were left
+    # uninitialised by to_empty: take rank 0's.
+    reference = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for name, buf in scorer.named_buffers():
+            if rank == 0:
+                buf.copy_(reference[name.removeprefix("lm.")])
+            dist.broadcast(buf, src=0)
+    del full, state, reference
+    return scorer
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+@dataclasses.dataclass
+class Scores:
+    """The top-k of a list of rows, packed: row r is ``ids[offset_r : offset_r + lengths[r]]``."""
+
+    ids: torch.Tensor  # [total_tokens, k] int32 (CPU)
+    logprobs: torch.Tensor  # [total_tokens, k] float32 (CPU)
+    lengths: list[int]  # response tokens scored per row (0 for a dropped row)
+    mask: list[int]  # 1 = scored, 0 = dropped
+
+
+def _as_ids(seq) -> torch.Tensor:
+    return torch.as_tensor(seq, dtype=torch.int64).reshape(-1)
+
+
+def _pack(lengths: dict[int, int], budget: int) -> list[list[int]]:
+    """Rows grouped longest-first into batches whose padded size rows * longest <= budget
+    (a row longer than the budget forwards alone)."""
+    batches: list[list[int]] = []
+    longest = 0
+    for row in sorted(lengths, key=lambda r: (-lengths[r], r)):
+        if batches and (len(batches[-1]) + 1) * longest <= budget:
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+            longest = lengths[row]
+    return batches
+
+
+def _assign(batches: list[list[int]], lengths: dict[int, int], world: int) -> list[list[list[int]]]:
+    """Batches per rank, largest first to the least-loaded rank (deterministic: all ranks agree)."""
+    per_rank: list[list[list[int]]] = [[] for _ in range(world)]
+    loads = [(0, r) for r in range(world)]
+    for batch in sorted(batches, key=lambda b: -len(b) * lengths[b[0]]):
+        load, rank = heapq.heappop(loads)
+        per_rank[rank].append(batch)
+        heapq.heappush(loads, (load + len(batch) * lengths[batch[0]], rank))
+    return per_rank
+
+
+@torch.no_grad()
+def score_rows(
+    teacher: Teacher,
+    teacher_prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    keep: Optional[Sequence[bool]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Scores:
+    """The teacher's top-k for every response token of every row.
+
+    Row r's teacher sequence is ``teacher_prompt_ids[r] + response_ids[r]``; its response
+    token i is scored at teacher position ``len(teacher_prompt_ids[r]) - 1 + i``. Rows with
+    ``keep[r]`` false, or longer than ``teacher.max_seq_len``, are dropped (mask 0, no
+    tokens). ``progress(done_tokens, total_tokens)`` is called after each forward (on this
+    rank's share when sharded). Sharded teachers: every rank calls this with the same rows and
+    gets the full result.
+    """
+    if len(teacher_prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(teacher_prompt_ids)} teacher prompts for {len(response_ids)} responses")
+    if keep is not None and len(keep) != len(response_ids):
+        raise ValueError(f"keep has {len(keep)} entries for {len(response_ids)} rows")
+    prompts = [_as_ids(p) for p in teacher_prompt_ids]
+    responses = [_as_ids(r) for r in response_ids]
+    n_rows = len(responses)
+    mask = [1] * n_rows
+    seq_len: dict[int, int] = {}  # rows to forward -> input length (teacher sequence minus its last token)
+    for r in range(n_rows):
+        if len(prompts[r]) == 0:
+            raise ValueError(f"row {r}: empty teacher prompt; response token 0 would have no "
+                             "teacher position predicting it")
+        total = len(prompts[r]) + len(responses[r])
+        if (keep is not None and not keep[r]) or total > teacher.max_seq_len:
+            mask[r] = 0
+        elif len(responses[r]):
+            seq_len[r] = total - 1  # the last response token predicts nothing we store
+    too_long = sum(1 for r in range(n_rows) if mask[r] == 0 and (keep is None or keep[r]))
+    if too_long:
+        log.warning("%d of %d rows are longer than teacher.max_total_sequence_length=%d and are "
+                    "dropped (sample_mask=0)", too_long, n_rows, teacher.max_seq_len)
+
+    batches = _pack(seq_len, teacher.mb_tokens)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if teacher.sharded else (1, 0)
+    mine = _assign(batches, seq_len, world)
+    rounds = max(len(b) for b in mine)
+    total_tokens = sum(seq_len[r] for b in mine[rank] for r in b)
+    done_tokens = 0
+    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    kwargs = dict(temperature=teacher.temperature, k=teacher.topk, chunk_size=teacher.chunk_size)
+    for i in range(rounds):
+        if i >= len(mine[rank]):
+            # FSDP's per-layer all-gathers are collectives: match the other ranks' forwards.
+            dummy = torch.full((1, 1), teacher.pad_id, dtype=torch.int64, device=teacher.device)
+            empty = torch.zeros(0, dtype=torch.int64, device=teacher.device)
+            teacher.scorer(dummy, empty, empty, **kwargs)
+            continue
+        batch = mine[rank][i]
+        width = seq_len[batch[0]]
+        input_ids = torch.full((len(batch), width), teacher.pad_id, dtype=torch.int64)
+        rows_idx, pos_idx = [], []
+        for b, r in enumerate(batch):
+            seq = torch.cat([prompts[r], responses[r]])[:-1]
+            input_ids[b, : len(seq)] = seq
+            start = len(prompts[r]) - 1
+            rows_idx.append(torch.full((len(responses[r]),), b, dtype=torch.int64))
+            pos_idx.append(torch.arange(start, start + len(responses[r])))
+        values, ids = teacher.scorer(
+            input_ids.to(teacher.device), torch.cat(rows_idx).to(teacher.device),
+            torch.cat(pos_idx).to(teacher.device), **kwargs)
+        values, ids = values.cpu(), ids.to("cpu", torch.int32)
+        offset = 0
+        for r in batch:
+            n = len(responses[r])
+            # Clones, not views: a pickled view (all_gather_object) carries its whole batch.
+            results[r] = (values[offset:offset + n].clone(), ids[offset:offset + n].clone())
+            offset += n
+        done_tokens += sum(seq_len[r] for r in batch)
+        if progress is not None:
+            progress(done_tokens, total_tokens)
+    if teacher.sharded:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = {r: v for part in gathered for r, v in part.items()}
+
+    k = teacher.topk
+    lengths = [len(responses[r]) if mask[r] else 0 for r in range(n_rows)]
+    empty_v, empty_i = torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int32)
+    parts = [results.get(r, (empty_v, empty_i)) for r in range(n_rows)]
+    return Scores(
+        ids=torch.cat([p[1] for p in parts]) if parts else empty_i,
+        logprobs=torch.cat([p[0] for p in parts]) if parts else empty_v,
+        lengths=lengths,
+        mask=mask,
+    )
+
+
+def score_shard(
+    teacher: Teacher,
+    rollouts: pa.Table,
+    teacher_prompts: Optional[Sequence[Sequence[int]]] = None,
+    *,
+    keep: Optional[Sequence[bool]] = None,
+    trace_found: Optional[Sequence[Optional[bool]]] = None,
+    prefix_truncated: Optional[Sequence[Optional[bool]]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> pa.Table:
+    """The scored table of a rollouts table: its columns, in order, plus the teacher's.
+
+    ``teacher_prompts`` (one id list per row; default: each row's ``prompt_ids``) is how
+    context distillation gives the teacher its privileged prompt; a row whose teacher prompt
+    equals its ``prompt_ids`` stores ``teacher_prompt_ids`` as null. ``keep`` (false: drop
+    the row, e.g. ``missing_trace_policy=drop_sample``), ``trace_found`` and
+    ``prefix_truncated`` are context distillation's; null for plain distillation.
+    """
+    schemas.check_schema(rollouts.schema, "rollouts", source="rollouts table")
+    prompt_ids = rollouts.column("prompt_ids").to_pylist()
+    response_ids = rollouts.column("response_ids").to_pylist()
+    if teacher_prompts is None:
+        teacher_prompts = prompt_ids
+    elif len(teacher_prompts) != rollouts.num_rows:
+        raise ValueError(f"{len(teacher_prompts)} teacher prompts for {rollouts.num_rows} rollout rows")
+    teacher_prompts = [list(map(int, p)) for p in teacher_prompts]
+    scores = score_rows(teacher, teacher_prompts, response_ids, keep=keep, progress=progress)
+    ids, logprobs = schemas.topk_to_arrow(scores.ids, scores.logprobs, scores.lengths)
+    n = rollouts.num_rows
+    columns = {name: rollouts.column(name) for name in rollouts.column_names}
+    columns.update(
+        teacher_topk_ids=ids,
+        teacher_topk_logprobs=logprobs,
+        sample_mask=pa.array(scores.mask, pa.int8()),
+        teacher_model=pa.array([teacher.name] * n, pa.string()),
+        alignment_offset=pa.array([len(p) - 1 for p in teacher_prompts], pa.int32()),
+        teacher_prompt_ids=pa.array([None if tp == p else tp for tp, p in zip(teacher_prompts, prompt_ids)],
+                                    pa.list_(pa.int32())),
+        trace_found=pa.array(trace_found if trace_found is not None else [None] * n, pa.bool_()),
+        prefix_truncated=pa.array(prefix_truncated if prefix_truncated is not None else [None] * n, pa.bool_()),
+    )
+    return schemas.build_table("scored", columns, topk_k=teacher.topk)
+
+
+def _teacher_tokens(scored: pa.Table) -> int:
+    """Teacher tokens forwarded for a scored table (teacher prompt + response of kept rows)."""
+    kept = pc.equal(scored.column("sample_mask"), 1)
+    per_row = pc.add(pc.add(scored.column("alignment_offset").cast(pa.int64()), 1),
+                     pc.list_value_length(scored.column("response_ids")).cast(pa.int64()))
+    return int(pc.sum(pc.if_else(kept, per_row, 0)).as_py() or 0)
+
+
+# ------------------------------------------------------------------------------- worker
+
+
+def init_distributed() -> tuple[int, int, bool]:
+    """``(rank, world, we_initialised)``: joins torchrun's process group when WORLD_SIZE > 1."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world, True
+
+
+def _broadcast(obj):
+    """Rank 0's ``obj`` on every rank (a no-op without a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue()
+
+
+class _Leader:
+    """Rank 0's side of the worker: the queue, claims, commits and the worker record."""
+
+    def __init__(self, run_dir, cfg: SluiceConfig, worker: Worker, step: Optional[int]):
+        self.rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.cfg, self.worker, self.step = cfg, worker, step
+        self.owner = Owner.from_env()
+        self.finished_steps: set[int] = set()
+        self.committed = 0
+
+    def _queues(self, step: int) -> tuple[StageQueue, StageQueue]:
+        lease = self.cfg.queue.lease_s
+        return (StageQueue(self.rd, step, "rollouts", lease_s=lease),
+                StageQueue(self.rd, step, "scored", lease_s=lease))
+
+    def next_claim(self):
+        """``(scored_queue, rollouts_queue, claim)`` of a claimable shard, or None."""
+        steps = [self.step] if self.step is not None else active_steps(self.rd, "scored")
+        for step in steps:
+            if step in self.finished_steps:
+                continue
+            rollouts, scored = self._queues(step)
+            if scored.expected() is None:
+                continue
+            pending = scored.pending()
+            if not pending:
+                self.finished_steps.add(step)
+                continue
+            committed = rollouts.committed()
+            while True:
+                claim = scored.claim_next(self.owner, candidates=[i for i in pending if i in committed])
+                if claim is None:
+                    break
+                if scored.record(claim.index) is None:
+                    return scored, rollouts, claim
+                # Committed by another worker between our pending() scan and the claim.
+                pending.remove(claim.index)
+                claim.release()
+        return None
+
+    def done(self) -> bool:
+        if self.worker.should_stop():
+            return True
+        return self.step is not None and self._queues(self.step)[1].is_complete()
+
+
+def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
+    """The teacher worker; returns the number of shards this worker committed.
+
+    Without ``step``: loop over every active step until RUN_DIR/coordinator/STOP. With
+    ``step``: until that step's scored stage is complete (``once``: only what is claimable
+    now). Under torchrun every rank calls this; rank 0 alone touches the queue.
+    """
+    rank, _, we_initialised = init_distributed()
+    try:
+        if rank == 0:
+            worker = Worker(run_dir, "teacher")
+            try:
+                return _lead(run_dir, worker, step, once)
+            except BaseException:
+                worker.beat("failed", detail=traceback.format_exc(limit=8)[-2000:], force=True)
+                raise
+        _follow(run_dir)
+        return 0
+    finally:
+        if we_initialised:
+            dist.destroy_process_group()
+
+
+def _lead(run_dir, worker: Worker, step: Optional[int], once: bool) -> int:
+    cfg = worker.cfg
+    worker.beat("loading", detail=f"teacher {cfg.teacher.model_name}")
+    teacher = load_teacher(cfg)
+    leader = _Leader(run_dir, cfg, worker, step)
+    while True:
+        if leader.done():
+            _broadcast("stop")
+            break
+        found = leader.next_claim()
+        if found is None:
+            if once:
+                _broadcast("stop")
+                break
+            worker.beat("waiting", detail="no claimable scored shard")
+            _broadcast("idle")
+            time.sleep(cfg.queue.poll_s)
+            continue
+        scored_q, rollouts_q, claim = found
+        where = f"step {scored_q.step} shard {claim.index}"
+        with claim.start_heartbeat(cfg.queue.heartbeat_s):
+            try:
+                rollouts = rollouts_q.read(claim.index)
+            except CorruptShardError as e:
+                log.error("%s", e)  # quarantined: generation redoes it, we score it after
+                _broadcast("idle")
+                continue
+            _broadcast(_table_bytes(rollouts))
+            worker.beat("scoring", detail=where, force=True)
+            started = time.perf_counter()
+            table = score_shard(teacher, rollouts, progress=lambda done, total: worker.beat(
+                "scoring", detail=f"{where}: {done}/{total} tokens"))
+            score_s = time.perf_counter() - started
+            extra = {"score_s": round(score_s, 3), "tokens": _teacher_tokens(table),
+                     "dropped_samples": int(pc.sum(pc.equal(table.column("sample_mask"), 0)).as_py())}
+            try:
+                scored_q.commit(claim.index, table, extra_meta=extra, claim=claim)
+            except ClaimLostError as e:
+                log.warning("%s", e)
+                continue
+        leader.committed += 1
+        log.info("committed scored %s: %d rows, %d tokens in %.2fs", where, table.num_rows,
+                 extra["tokens"], score_s)
+    worker.finish("done" if step is not None else "exited")
+    return leader.committed
+
+
+def _follow(run_dir) -> None:
+    """Ranks > 0: load the shard of the teacher, then forward whatever rank 0 broadcasts."""
+    teacher = load_teacher(load_run_config(run_dir))
+    while True:
+        message = _broadcast(None)
+        if message == "stop":
+            return
+        if message == "idle":
+            continue
+        rollouts = pa.ipc.open_stream(message).read_all()
+        score_shard(teacher, rollouts)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.score",
+                                     description="Sluice teacher worker (see the module docstring).")
+    parser.add_argument("run_dir", help="the run directory (RUN_DIR)")
+    parser.add_argument("--step", type=int, default=None, help="score this step only, then exit")
+    parser.add_argument("--once", action="store_true",
+                        help="with --step: score what is claimable now and exit without waiting")
+    args = parser.parse_args(argv)
+    if args.once and args.step is None:
+        parser.error("--once needs --step N")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per checkpoint load clutters the worker log
+    n = run_worker(args.run_dir, step=args.step, once=args.once)
+    log.info("teacher worker exits after committing %d shard(s)", n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
