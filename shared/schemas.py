@@ -19,6 +19,8 @@ Columns (``!`` = non-null, checked by ``build_table``; the rest may hold nulls):
               prompt_ids! list<int32>   chat template applied
               dataset!   string
               index!     int64    row in the dataset
+              static_trace string context distillation with trace_source=static_dataset:
+                                  the dataset's trace text; else null
     rollouts  prompts' columns, then
               response_ids!   list<int32>
               response_text!  string
@@ -107,6 +109,7 @@ _PROMPTS = [
     _field("prompt_ids", pa.list_(pa.int32()), True),
     _field("dataset", pa.string(), True),
     _field("index", pa.int64(), True),
+    _field("static_trace", pa.string(), False),
 ]
 _ROLLOUTS = _PROMPTS + [
     _field("response_ids", pa.list_(pa.int32()), True),

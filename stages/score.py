@@ -455,6 +455,43 @@ def score_shard(
     return schemas.build_table("scored", columns, topk_k=teacher.topk)
 
 
+def context_builder(cfg: SluiceConfig):
+    """Context distillation's teacher-prompt builder (None for plain distillation)."""
+    if not cfg.distillation.context_distillation.enabled:
+        return None
+    from transformers import AutoTokenizer
+
+    from shared.context import TeacherPromptBuilder
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(resolve_model(cfg.teacher.tokenizer.name or cfg.teacher.model_name)))
+    return TeacherPromptBuilder(cfg, tokenizer)
+
+
+def score_table(teacher: Teacher, rollouts: pa.Table, builder=None,
+                progress: Optional[Callable[[int, int], None]] = None) -> tuple[pa.Table, dict]:
+    """Score a rollouts table; with context distillation (``builder``), each row's teacher
+    sees its privileged prompt, and the returned counts feed the context_distillation_*
+    metrics. Every rank of a sharded teacher calls this with the same table."""
+    if builder is None:
+        return score_shard(teacher, rollouts, progress=progress), {}
+    from shared.context import count
+
+    rows = rollouts.select(["problem", "prompt_ids", "response_ids", "response_text",
+                            "static_trace"]).to_pylist()
+    tps = [builder.build(r["problem"], r["response_ids"], r["response_text"], r["static_trace"])
+           for r in rows]
+    table = score_shard(
+        teacher, rollouts,
+        [tp.ids if tp.ids is not None else r["prompt_ids"] for tp, r in zip(tps, rows)],
+        keep=[tp.ids is not None for tp in tps],
+        trace_found=[tp.trace_found for tp in tps],
+        prefix_truncated=[tp.truncated for tp in tps],
+        progress=progress,
+    )
+    return table, {"context_distillation": count(tps)}
+
+
 def _teacher_tokens(scored: pa.Table) -> int:
     """Teacher tokens forwarded for a scored table (teacher prompt + response of kept rows)."""
     kept = pc.equal(scored.column("sample_mask"), 1)
@@ -570,6 +607,7 @@ def _lead(run_dir, worker: Worker, step: Optional[int], once: bool) -> int:
     cfg = worker.cfg
     worker.beat("loading", detail=f"teacher {cfg.teacher.model_name}")
     teacher = load_teacher(cfg)
+    builder = context_builder(cfg)
     leader = _Leader(run_dir, cfg, worker, step)
     while True:
         if leader.done():
@@ -596,11 +634,11 @@ def _lead(run_dir, worker: Worker, step: Optional[int], once: bool) -> int:
             _broadcast(_table_bytes(rollouts))
             worker.beat("scoring", detail=where, force=True)
             started = time.perf_counter()
-            table = score_shard(teacher, rollouts, progress=lambda done, total: worker.beat(
+            table, extra = score_table(teacher, rollouts, builder, progress=lambda done, total: worker.beat(
                 "scoring", detail=f"{where}: {done}/{total} tokens"))
             score_s = time.perf_counter() - started
-            extra = {"score_s": round(score_s, 3), "tokens": _teacher_tokens(table),
-                     "dropped_samples": int(pc.sum(pc.equal(table.column("sample_mask"), 0)).as_py())}
+            extra.update({"score_s": round(score_s, 3), "tokens": _teacher_tokens(table),
+                          "dropped_samples": int(pc.sum(pc.equal(table.column("sample_mask"), 0)).as_py())})
             try:
                 scored_q.commit(claim.index, table, extra_meta=extra, claim=claim)
             except ClaimLostError as e:
@@ -615,7 +653,9 @@ def _lead(run_dir, worker: Worker, step: Optional[int], once: bool) -> int:
 
 def _follow(run_dir) -> None:
     """Ranks > 0: load the shard of the teacher, then forward whatever rank 0 broadcasts."""
-    teacher = load_teacher(load_run_config(run_dir))
+    cfg = load_run_config(run_dir)
+    teacher = load_teacher(cfg)
+    builder = context_builder(cfg)
     while True:
         message = _broadcast(None)
         if message == "stop":
@@ -623,7 +663,7 @@ def _follow(run_dir) -> None:
         if message == "idle":
             continue
         rollouts = pa.ipc.open_stream(message).read_all()
-        score_shard(teacher, rollouts)
+        score_table(teacher, rollouts, builder)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

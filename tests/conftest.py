@@ -10,3 +10,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 pytest_plugins = ["tests.slurm_fixture"]
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """The built-in tiny student/teacher/tokenizer (built once, cached under .cache/)."""
+    from shared.models import tiny_models_dir
+    from shared.tiny import build_tiny_models
+
+    return build_tiny_models(tiny_models_dir())

@@ -1,0 +1,276 @@
+"""Role jobs through submitit: what runs in a job, how it is submitted, how it is watched.
+
+Each role's task is a `RoleTask`, a small picklable callable that runs the role's stage as a
+child process (`python -m stages.X RUN_DIR`, or `torchrun ... -m stages.X RUN_DIR` when the
+task spans several GPUs or nodes). The coordinator never imports torch or vLLM; the child
+process does. Slurm's pre-timeout signal reaches submitit in the task, which calls
+`RoleTask.checkpoint`: the child is asked to stop (SIGTERM: workers release their claims) and
+the job is requeued.
+
+The same code path serves both executors: submitit's Slurm executor on a cluster and its
+local executor (one process per task) on a laptop or CI box.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import submitit
+
+from shared.config import SluiceConfig
+from shared.partition import Plan
+
+ROLE_MODULE = {"generation": "stages.generate", "teacher": "stages.score", "training": "stages.train"}
+# Job states after which a task is gone for good (first word of sacct's state).
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                 "BOOT_FAIL", "DEADLINE", "INTERRUPTED", "VANISHED"}
+LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING",
+               "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED"}
+
+
+def _first_host() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    if not nodelist:
+        return "127.0.0.1"
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                         text=True, check=True)
+    return out.stdout.split()[0]
+
+
+@dataclass
+class RoleTask:
+    """One task of a role job (picklable: submitit ships it to the node)."""
+
+    run_dir: str
+    role: str
+    task_index: int
+    gpus_per_task: int
+    num_nodes: int = 1
+    local: bool = False
+    step: Optional[int] = None
+    """Process only this step, then exit (launch.resubmit on a finished run)."""
+
+    def command(self) -> List[str]:
+        py, module = sys.executable, ROLE_MODULE[self.role]
+        args = [self.run_dir] + ([] if self.step is None else ["--step", str(self.step)])
+        multi = self.role in ("training", "teacher") and (self.gpus_per_task > 1 or self.num_nodes > 1)
+        if not multi:
+            return [py, "-m", module, *args]
+        nproc = self.gpus_per_task // self.num_nodes
+        if self.num_nodes == 1:
+            dist = ["--standalone", f"--nnodes=1"]
+        else:
+            job = int(os.environ.get("SLURM_JOB_ID", "0"))
+            port = 20000 + job % 20000  # distinct per job: several runs may share a node
+            dist = [f"--nnodes={self.num_nodes}", f"--node_rank={os.environ.get('SLURM_NODEID', '0')}",
+                    "--rdzv_backend=c10d", f"--rdzv_endpoint={_first_host()}:{port}",
+                    f"--rdzv_id=sluice-{job}"]
+        return [py, "-m", "torch.distributed.run", *dist, f"--nproc_per_node={nproc}",
+                "-m", module, *args]
+
+    def __call__(self) -> int:
+        env = dict(os.environ)
+        jenv = submitit.JobEnvironment()
+        env["SLUICE_JOB_ID"] = str(jenv.job_id)
+        env["SLUICE_TASK_ID"] = str(self.task_index)
+        env["SLUICE_ROLE"] = self.role
+        cmd = self.command()
+        print(f"[sluice {self.role} task {self.task_index}] {' '.join(cmd)}", flush=True)
+        self._child = subprocess.Popen(cmd, env=env)
+        rc = self._child.wait()
+        if rc != 0:
+            why = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+            raise RuntimeError(f"sluice {self.role} worker (task {self.task_index}, job "
+                               f"{jenv.job_id}) ended with {why}; its output is above")
+        return rc
+
+    def checkpoint(self, *args, **kwargs):
+        """Slurm's pre-timeout signal: stop the worker cleanly, then requeue this task."""
+        child = getattr(self, "_child", None)
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        fresh = RoleTask(self.run_dir, self.role, self.task_index, self.gpus_per_task,
+                         self.num_nodes, self.local, self.step)
+        return submitit.helpers.DelayedSubmission(fresh)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_child", None)  # a Popen does not travel
+        return state
+
+
+def time_limit_min(limit: str) -> int:
+    """Slurm time 'D-HH:MM:SS', 'HH:MM:SS' or 'MM' in minutes."""
+    days = 0
+    if "-" in limit:
+        d, limit = limit.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in limit.split(":")]
+    while len(parts) < 3:
+        parts = [0] + parts if len(parts) == 2 else parts + [0, 0]
+    h, m, s = parts[-3:]
+    return days * 1440 + h * 60 + m + (1 if s else 0)
+
+
+def log_folder(run_dir: Path, role: str) -> Path:
+    return Path(run_dir) / "logs" / role
+
+
+def make_executor(kind: str, run_dir: Path, cfg: SluiceConfig, plan: Plan, role: str):
+    rp = plan.roles[role]
+    folder = log_folder(run_dir, role) / "%j"
+    if kind == "local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=time_limit_min(cfg.cluster.time_limit))
+        return ex
+    ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    gpus_per_node = rp.gpus_per_node if role == "training" else rp.gpus_per_task
+    params = dict(
+        name=f"sluice-{role}",
+        timeout_min=time_limit_min(cfg.cluster.time_limit),
+        nodes=rp.num_nodes if role == "training" else 1,
+        tasks_per_node=1,
+        cpus_per_task=max(1, cfg.cluster.cpus_per_gpu * gpus_per_node),
+        slurm_gres=f"gpu:{gpus_per_node}",
+        slurm_signal_delay_s=120,
+        slurm_setup=list(cfg.cluster.setup),
+    )
+    if cfg.cluster.partition:
+        params["slurm_partition"] = cfg.cluster.partition
+    if cfg.cluster.mem_per_gpu_gb:
+        params["slurm_mem"] = f"{cfg.cluster.mem_per_gpu_gb * gpus_per_node}G"
+    extra = {}
+    if cfg.cluster.account:
+        extra["account"] = cfg.cluster.account
+    if cfg.cluster.qos:
+        extra["qos"] = cfg.cluster.qos
+    if plan.isolated:
+        # Whole nodes: Slurm then cannot place two roles on one node.
+        extra["exclusive"] = True
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit_tasks(kind: str, run_dir: Path, cfg: SluiceConfig, plan: Plan, role: str,
+                 task_indices: List[int], step: Optional[int] = None) -> Dict[int, submitit.Job]:
+    """Submit tasks of a role (an array on Slurm); returns task index -> job."""
+    rp = plan.roles[role]
+    ex = make_executor(kind, run_dir, cfg, plan, role)
+    tasks = [RoleTask(str(run_dir), role, i, rp.gpus_per_task,
+                      rp.num_nodes if role == "training" else 1, kind == "local", step)
+             for i in task_indices]
+    jobs: Dict[int, submitit.Job] = {}
+    if kind == "local":
+        gpus = [g for ids in rp.gpu_ids for g in ids]
+        for t in tasks:
+            mine = gpus[t.task_index * rp.gpus_per_task:(t.task_index + 1) * rp.gpus_per_task]
+            ex.update_parameters(gpus_per_node=len(mine), visible_gpus=mine)
+            jobs[t.task_index] = ex.submit(t)
+        return jobs
+    if len(tasks) > 1:
+        ex.update_parameters(slurm_array_parallelism=len(tasks))
+        with ex.batch():
+            submitted = [ex.submit(t) for t in tasks]
+        return {t.task_index: j for t, j in zip(tasks, submitted)}
+    return {tasks[0].task_index: ex.submit(tasks[0])}
+
+
+def reattach(kind: str, run_dir: Path, role: str, job_id: str) -> submitit.Job:
+    """A job object for a job submitted by an earlier coordinator process."""
+    folder = log_folder(run_dir, role) / "%j"
+    if kind == "local":
+        from submitit.local.local import LocalJob
+
+        return LocalJob(folder=folder, job_id=job_id)
+    return submitit.SlurmJob(folder=folder, job_id=job_id)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return "\nState:\tZ" not in status
+    except FileNotFoundError:
+        return False
+
+
+def _local_result(job) -> Optional[str]:
+    path = job.paths.result_pickle
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as f:
+            outcome = pickle.load(f)[0]
+    except Exception:
+        return "FAILED"
+    return "COMPLETED" if outcome == "success" else "FAILED"
+
+
+def job_state(kind: str, job) -> str:
+    """Normalised state: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, VANISHED..."""
+    if kind == "local":
+        proc = getattr(job, "_process", None)
+        if proc is not None:
+            rc = proc.poll()
+            if rc is None:
+                return "RUNNING"
+            return _local_result(job) or ("COMPLETED" if rc == 0 else "FAILED")
+        if _pid_alive(int(job.job_id)):
+            return "RUNNING"
+        return _local_result(job) or "VANISHED"
+    try:
+        state = job.watcher.get_state(job.job_id, mode="force")
+    except Exception:
+        return "UNKNOWN"
+    word = (state or "UNKNOWN").split()[0].upper()
+    return word
+
+
+def cancel(kind: str, job) -> None:
+    if kind == "local":
+        proc = getattr(job, "_process", None)
+        pid = int(job.job_id)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+        elif _pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+        return
+    subprocess.run(["scancel", str(job.job_id)], capture_output=True)
+
+
+def stderr_tail(job, lines: int = 15) -> str:
+    for path in (job.paths.stderr, job.paths.stdout):
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        if text.strip():
+            return "\n".join(text.rstrip().splitlines()[-lines:])
+    return "(no output)"
+
+
+def wait_all(kind: str, jobs, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if all(job_state(kind, j) not in LIVE_STATES for j in jobs):
+            return
+        time.sleep(0.5)
+    for j in jobs:
+        cancel(kind, j)

@@ -1,0 +1,134 @@
+"""Redo part of a run: invalidate what is named, make sure a worker will redo it.
+
+    python -m launch.resubmit RUN_DIR --stage teacher --step 3             # redo step 3's scored shards
+    python -m launch.resubmit RUN_DIR --stage teacher --step 3 --shard 1   # just one shard
+    python -m launch.resubmit RUN_DIR --stage generation --step 3          # rollouts (and their scores)
+    python -m launch.resubmit RUN_DIR --stage training --step 3            # retrain from step 3
+    python -m launch.resubmit RUN_DIR --stage teacher                      # only restart the workers
+
+Invalidated shards are moved to quarantine/ (never deleted) and become pending. If no worker
+of the role is alive (e.g. the run is finished), a one-shot job of that role processes the
+step and exits; a live run's workers pick the shards up by themselves. Training cannot be
+redone in isolation: its steps are set aside and the training job restarts from the
+checkpoint before them (the coordinator must be running, or resume the run with launch.run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional
+
+from shared.errors import UserError, exit_with
+from shared.partition import Plan
+from shared.queue import RunDir, StageQueue, check_shard_index, check_step
+from shared.worker import is_committed_dir, load_run_config, read_json
+
+OUTPUT = {"generation": ["rollouts", "scored"], "teacher": ["scored"]}
+
+
+def live_workers(rd: RunDir, role: str, lease_s: float) -> List[dict]:
+    if rd.path("coordinator", "STOP").exists():
+        return []
+    wdir = rd.path("workers", role)
+    now = time.time()
+    out = []
+    for p in wdir.glob("*.json") if wdir.is_dir() else []:
+        info = read_json(p)
+        if info and info.get("status") not in ("exited", "failed") and now - info.get("heartbeat", 0) < lease_s:
+            out.append(info)
+    return out
+
+
+def resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int]) -> List[str]:
+    rd = RunDir(run_dir)
+    run = read_json(rd.path("run.json"))
+    if run is None:
+        raise UserError(f"{run_dir}: not a Sluice run directory (no run.json).")
+    cfg = load_run_config(rd)
+    said: List[str] = []
+    if stage == "training":
+        if step is None:
+            raise UserError("--stage training needs --step N (the first step to retrain).")
+        ckpts = [int(p.name) for p in rd.path("checkpoints").iterdir()
+                 if p.name.isdigit() and is_committed_dir(p)] if rd.path("checkpoints").is_dir() else []
+        if step > 1 and step - 1 not in ckpts:
+            raise UserError(f"cannot retrain from step {step}: no checkpoint of step {step - 1} "
+                            f"(checkpoints: {sorted(ckpts) or 'none'}). Fix: choose a step right "
+                            "after a checkpoint.")
+        import os
+
+        for p in sorted(rd.path("checkpoints").glob("[0-9]*")) if ckpts else []:
+            if int(p.name) >= step:
+                os.replace(p, p.with_name(f".superseded-{p.name}-{int(time.time())}"))
+                said.append(f"set aside checkpoint {p.name}")
+        from launch.coordinator import Coordinator
+
+        Coordinator(rd.root).invalidate_after(step - 1)
+        said.append(f"steps >= {step} will be retrained from checkpoint {step - 1}")
+        from launch import jobs as J
+
+        state = read_json(rd.path("coordinator", "state.json"), {}) or {}
+        for task, info in state.get("jobs", {}).get("training", {}).items():
+            job = J.reattach(run["executor"], rd.root, "training", info["job_id"])
+            if J.job_state(run["executor"], job) in J.LIVE_STATES:
+                J.cancel(run["executor"], job)
+                said.append(f"stopped training job {info['job_id']}; the coordinator resubmits it")
+        if rd.path("coordinator", "STOP").exists():
+            said.append(f"the run is not running: resume it with python -m launch.run "
+                        f"conf={run.get('recipe')} launch.run_dir={rd.root}")
+        return said
+
+    if step is not None:
+        for out_stage in OUTPUT[stage]:
+            q = StageQueue(rd, step, out_stage)
+            if q.expected() is None:
+                raise UserError(f"step {step} has no {out_stage} stage yet. Fix: check the step "
+                                f"with python -m launch.inspect {rd.root}.")
+            targets = [shard] if shard is not None else sorted(q.committed())
+            for k in targets:
+                if q.quarantine(k, f"launch.resubmit --stage {stage}") is not None:
+                    said.append(f"invalidated step {step} {out_stage} shard {k} (moved to quarantine/)")
+    if live_workers(rd, stage, cfg.queue.lease_s):
+        said.append(f"a live {stage} worker will redo it")
+        return said
+    from launch import jobs as J
+
+    plan = Plan.from_dict(run["plan"])
+    jobs = J.submit_tasks(run["executor"], rd.root, cfg, plan, stage, [0], step=step)
+    said.append(f"no live {stage} worker: submitted job {jobs[0].job_id}"
+                + (f" to redo step {step}" if step is not None else ""))
+    return said
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.resubmit", description=__doc__.split("\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--stage", required=True, choices=["generation", "teacher", "training"])
+    p.add_argument("--step", type=int)
+    p.add_argument("--shard", type=int)
+    p.add_argument("--wait", action="store_true", help="wait for a submitted one-shot job to finish")
+    args = p.parse_args(argv)
+    try:
+        step = None if args.step is None else check_step(args.step)
+        shard = None if args.shard is None else check_shard_index(args.shard)
+        if shard is not None and step is None:
+            raise UserError("--shard needs --step. Fix: add --step N.")
+        for line in resubmit(args.run_dir, args.stage, step, shard):
+            print(line)
+        if args.wait and step is not None:
+            rd = RunDir(args.run_dir)
+            stages = OUTPUT.get(args.stage, [])
+            while not all(StageQueue(rd, step, s).is_complete() for s in stages):
+                time.sleep(0.5)
+            print(f"step {step} {'/'.join(stages)} complete")
+        return 0
+    except ValueError as e:
+        exit_with(UserError(f"{e}. Fix: steps and shards are non-negative integers."), "launch.resubmit")
+    except UserError as e:
+        exit_with(e, "launch.resubmit")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Create (or reopen) a run directory and start its coordinator. Called by launch.run.
+
+A new run directory gets:
+
+    config.yaml    the resolved config (prompt paths made absolute, secrets never written)
+    run.json       {"schema_version", "code_version" (git sha, "+dirty" if modified),
+                    "created", "recipe", "argv", "executor", "plan"}
+
+An existing run directory is resumed with the config frozen in it: overrides given to
+launch.run then only change `launch.*` (how the coordinator is started), never the science.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from shared import schemas
+from shared.errors import UserError
+from shared.recipe import REPO_ROOT
+from shared.validation import resolve_path
+from shared.worker import atomic_write_json, read_json
+
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN")
+RUN_SCHEMA_VERSION = 1
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def scrub_secrets(text: str) -> str:
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 8:
+            text = text.replace(value, f"<{name} redacted>")
+    return text
+
+
+def resolve_executor(requested: str) -> str:
+    if requested != "auto":
+        if requested == "slurm" and shutil.which("sbatch") is None:
+            raise UserError("config error: launch.executor='slurm': sbatch is not on PATH. "
+                            "Fix: run on a Slurm login node, or use launch.executor=local.")
+        return requested
+    return "slurm" if shutil.which("sbatch") else "local"
+
+
+def _absolute_paths(node) -> None:
+    for key in ("data.default.prompt_file", "data.default.system_prompt_file",
+                "data.train.prompt_file", "data.train.system_prompt_file",
+                "data.validation.prompt_file", "data.validation.system_prompt_file",
+                "data.train.data_path", "data.validation.data_path"):
+        value = OmegaConf.select(node, key)
+        if isinstance(value, str):
+            found = resolve_path(value)
+            if found is not None:
+                OmegaConf.update(node, key, str(found))
+
+
+def default_run_dir(name: str) -> Path:
+    base = Path(os.environ.get("SLUICE_RUNS", Path.cwd() / "runs"))
+    return base / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def create_run_dir(run_dir: Path, recipe: str, node, plan, executor: str) -> None:
+    _absolute_paths(node)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("coordinator", "steps", "weights", "checkpoints", "logs", "workers", "data"):
+        (run_dir / sub).mkdir(exist_ok=True)
+    text = scrub_secrets(OmegaConf.to_yaml(node))
+    (run_dir / "config.yaml.tmp").write_text(text)
+    os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
+    atomic_write_json(run_dir / "run.json", {
+        "schema_version": RUN_SCHEMA_VERSION, "shard_schema_version": schemas.SCHEMA_VERSION,
+        "code_version": code_version(), "created": time.time(), "recipe": recipe,
+        "argv": [scrub_secrets(a) for a in sys.argv[1:]], "executor": executor,
+        "plan": plan.to_dict(),
+    })
+
+
+def ensure_models(cfg) -> None:
+    """The built-in tiny models are built once on the launching machine (seconds, cached)."""
+    from shared.models import TINY_PREFIX, tiny_models_dir
+
+    if any(n.startswith(TINY_PREFIX) for n in (cfg.policy.model_name, cfg.teacher.model_name)):
+        from shared.tiny import build_tiny_models
+
+        build_tiny_models(tiny_models_dir())
+
+
+def start(conf: str, cfg, node, plan) -> int:
+    run_dir = Path(cfg.launch.run_dir).expanduser().resolve() if cfg.launch.run_dir \
+        else default_run_dir(cfg.launch.name or Path(conf).stem).resolve()
+    if (run_dir / "run.json").exists():
+        run = read_json(run_dir / "run.json")
+        executor = run["executor"]
+        print(f"Resuming {run_dir} (config frozen at its first launch)")
+    else:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"launch.run_dir={str(run_dir)!r} exists and is not a Sluice run "
+                            "directory. Fix: choose a new or empty directory.")
+        executor = resolve_executor(cfg.launch.executor)
+        ensure_models(cfg)
+        create_run_dir(run_dir, conf, node, plan, executor)
+        print(f"Run directory: {run_dir}")
+    watch = (f"  watch:   python -m launch.inspect {run_dir}\n"
+             f"  log:     tail -f {run_dir}/logs/coordinator/coordinator.log\n"
+             f"  resume:  python -m launch.run conf={conf} launch.run_dir={run_dir}")
+    if not cfg.launch.detach:
+        print(watch.replace(f"  log:     tail -f {run_dir}/logs/coordinator/coordinator.log\n", ""))
+        from launch.coordinator import main as coordinator_main
+
+        return coordinator_main([str(run_dir)])
+    log_dir = run_dir / "logs" / "coordinator"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if executor == "slurm":
+        import submitit
+
+        from launch.coordinator import main as coordinator_main
+        from launch.jobs import time_limit_min
+
+        ex = submitit.AutoExecutor(folder=log_dir / "%j", cluster="slurm")
+        params = dict(name="sluice-coordinator", timeout_min=time_limit_min(cfg.launch.coordinator_time_limit),
+                      nodes=1, tasks_per_node=1, cpus_per_task=2, slurm_setup=list(cfg.cluster.setup))
+        if cfg.cluster.partition:
+            params["slurm_partition"] = cfg.cluster.partition
+        if cfg.cluster.account:
+            params["slurm_additional_parameters"] = {"account": cfg.cluster.account}
+        ex.update_parameters(**params)
+        job = ex.submit(coordinator_main, [str(run_dir)])
+        print(f"Coordinator: Slurm job {job.job_id}\n{watch.replace('coordinator/coordinator.log', f'coordinator/{job.job_id}/{job.job_id}_0_log.out')}")
+        return 0
+    with open(log_dir / "coordinator.log", "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "launch.coordinator", str(run_dir)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=os.getcwd())
+    atomic_write_json(log_dir / "coordinator.pid.json", {"pid": proc.pid, "started": time.time()})
+    print(f"Coordinator: local process {proc.pid}\n{watch}")
+    return 0

@@ -1,0 +1,167 @@
+"""Plumbing every role's worker shares: the frozen run config, who and where the worker is,
+the stop signal, and atomic directory commits for weights and checkpoints.
+
+Files this module reads and writes in RUN_DIR:
+
+    config.yaml                          the resolved config, frozen at launch (no secrets)
+    coordinator/STOP                     exists once the run is finished or stopped: workers exit
+    workers/<role>/<job>_<task>.json     one per live worker: {"role", "job_id", "task_id",
+                                         "host", "node", "pid", "gpus", "started", "heartbeat",
+                                         "status", "detail"}; the coordinator checks placement
+                                         and liveness from these
+    weights/<step:06d>/                  student weights after training step <step> (HF format);
+                                         committed by renaming a finished temp dir, and holding
+                                         COMMITTED.json (written last inside the temp dir)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Optional, Tuple
+
+from omegaconf import OmegaConf
+
+from shared.config import SluiceConfig, register
+from shared.queue import Owner, RunDir, _atomic_write_bytes, _fsync_dir
+
+COMMITTED = "COMMITTED.json"
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return default
+
+
+def load_run_config(run_dir) -> SluiceConfig:
+    """The run's frozen config, typed against the schema."""
+    register()
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    path = rd.path("config.yaml")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: {rd.root} is not a Sluice run directory "
+                                "(start one with python -m launch.run conf=NAME)")
+    node = OmegaConf.merge(OmegaConf.structured(SluiceConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(node)
+
+
+def node_name() -> str:
+    """The Slurm node name when under Slurm (several nodes may share one host in tests)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+class Worker:
+    """A role's worker process: registers itself, heartbeats, and watches for STOP."""
+
+    def __init__(self, run_dir, role: str, beat_every_s: float = 5.0):
+        self.rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.cfg = load_run_config(self.rd)
+        self.role = role
+        self.owner = Owner.from_env()
+        job = self.owner.job_id or "local"
+        task = self.owner.task_id or "0"
+        self.record_path = self.rd.path("workers", role, f"{job}_{task}_{self.owner.pid}.json")
+        self.beat_every_s = beat_every_s
+        self._last_beat = 0.0
+        self.info = {
+            "role": role, "job_id": self.owner.job_id, "task_id": self.owner.task_id,
+            "host": socket.gethostname(), "node": node_name(), "pid": self.owner.pid,
+            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": time.time(),
+            "status": "starting", "detail": "",
+        }
+        self.beat("starting", force=True)
+
+    def beat(self, status: Optional[str] = None, detail: Optional[str] = None, force: bool = False) -> None:
+        now = time.time()
+        if status is not None:
+            force = force or status != self.info["status"]
+            self.info["status"] = status
+        if detail is not None:
+            self.info["detail"] = detail
+        if force or now - self._last_beat >= self.beat_every_s:
+            self.info["heartbeat"] = now
+            atomic_write_json(self.record_path, self.info)
+            self._last_beat = now
+
+    def should_stop(self) -> bool:
+        return self.rd.path("coordinator", "STOP").exists()
+
+    def finish(self, status: str = "exited") -> None:
+        self.beat(status, force=True)
+
+
+def active_steps(rd: RunDir, stage: str):
+    """Steps whose `stage` directory has been declared (EXPECTED.json exists), ascending."""
+    steps_dir = rd.path("steps")
+    if not steps_dir.is_dir():
+        return []
+    out = []
+    for d in sorted(steps_dir.iterdir()):
+        if d.name.isdigit() and (d / stage / "EXPECTED.json").is_file():
+            out.append(int(d.name))
+    return out
+
+
+# ------------------------------------------------------------------ atomic directories
+
+
+def commit_dir(tmp: Path, final: Path, meta: dict) -> None:
+    """Publish a fully written directory: write COMMITTED.json into it, then rename it onto
+    `final`. A reader that sees `final/COMMITTED.json` sees a complete directory; a writer
+    killed before the rename leaves only a temp dir (cleaned by the next writer)."""
+    # commit_id tells apart two commits of the same step (a step redone after a resume).
+    atomic_write_json(tmp / COMMITTED, {**meta, "commit_id": uuid.uuid4().hex,
+                                        "committed_at": time.time()})
+    _fsync_dir(tmp)
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def temp_dir_for(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        # A previous writer of this same directory died; its leftovers are garbage.
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    return tmp
+
+
+def is_committed_dir(path: Path) -> bool:
+    return (path / COMMITTED).is_file()
+
+
+def weights_path(rd: RunDir, step: int) -> Path:
+    return rd.path("weights", f"{step:06d}")
+
+
+def latest_weights(rd: RunDir, at_most: Optional[int] = None) -> Tuple[int, Optional[Path]]:
+    """(step, path) of the newest committed student weights with step <= at_most, or (-1, None)."""
+    wdir = rd.path("weights")
+    best: Tuple[int, Optional[Path]] = (-1, None)
+    if not wdir.is_dir():
+        return best
+    for d in wdir.iterdir():
+        if d.name.isdigit() and is_committed_dir(d):
+            s = int(d.name)
+            if (at_most is None or s <= at_most) and s > best[0]:
+                best = (s, d)
+    return best
