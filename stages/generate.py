@@ -1,0 +1,448 @@
+"""Generation stage: sample the student's answers to each step's prompts with vLLM.
+
+    python -m stages.generate RUN_DIR            # long-lived worker: every active step, until STOP
+    python -m stages.generate RUN_DIR --step 3   # every pending rollouts shard of step 3, then exit
+    python -m stages.generate RUN_DIR --once     # one pass over what is claimable now, then exit
+
+From Python (tests, benchmarks):
+
+    gen = Generator(cfg, resolve_model(cfg.policy.model_name))   # version 0 = the base model
+    gen.load_weights(RUN_DIR / "weights/000001", version=1)       # in place, no engine restart
+    rollouts = generate_shard(gen, prompts_table, policy_version=1)
+    gen.close()
+
+One vLLM `LLM` engine per worker (tensor parallel inside the task). For step t the worker
+uses the newest committed weights version v with t-1-max_staleness <= v <= t-1 (v = 0: the
+base model, cfg.policy.model_name) and waits while there is none. It loads v in place,
+then claims rollouts shard k once prompts shard k is committed, keeps the claim alive with a
+heartbeat while generating, and commits with the shard timings in the commit record's
+`extra`: {"policy_version", "gen_s", "samples", "prompt_tokens", "tokens", "truncated"}
+(tokens = response tokens; truncated = answers that hit max_tokens).
+
+What each rollout row records (DESIGN section 3): `response_ids` (every sampled token, the
+stop token or the tokens of a matched stop string included), `response_text` (vLLM's decoding
+with skip_special_tokens=False, so `<think>` spans stay visible; it leaves out the stop token
+and ends before a matched stop string), `finish_reason` ("stop" / "length"),
+`policy_version`, and `gen_logprobs`: the log-probability of each sampled token under the
+distribution it was actually drawn from, i.e. vLLM's `processed_logprobs`: after temperature,
+top-k and top-p (with temperature 0 the plain log-softmax).
+
+Sampling is reproducible: each sample gets its own seed derived from
+(cfg.distillation.seed, sample_id), so a redone shard draws the same answers on the same
+weights, whichever worker redoes it and whatever else is in the batch (up to kernel noise).
+
+In-place reload (vLLM's `reload_weights` worker method) has one trap on CPU: with tied
+embeddings, `lm_head` keeps its own packed copy of the old embedding matrix, so the engine
+would mix old and new weights. `SluiceWorkerExtension.sluice_reload_weights` repacks it and
+then checks that `lm_head` computes with the weights it holds (see notes/platform.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+import pyarrow as pa
+
+from shared.config import SluiceConfig
+from shared.models import TINY_PREFIX, find_model, tiny_models_dir
+from shared.queue import ClaimLostError, CorruptShardError, RunDir, StageQueue
+from shared.schemas import build_table
+from shared.worker import COMMITTED, Worker, active_steps, latest_weights, read_json
+
+log = logging.getLogger("sluice.generate")
+
+ROLE = "generation"
+# Seeds are kept to 31 bits: every sampler backend takes them as a (signed) int.
+_SEED_MASK = 0x7FFF_FFFF
+# The first generate call with logprobs is several times slower than later ones: paid once at
+# start-up, not inside the first shard's timing.
+_WARMUP_PROMPT = [0, 1, 2, 3]
+
+
+def resolve_model(name: str) -> Path:
+    """The local directory of model `name`, building the tiny models on first use."""
+    if name.startswith(TINY_PREFIX):
+        from shared.tiny import build_tiny_models
+
+        build_tiny_models(tiny_models_dir())
+    path = find_model(name)
+    if path is None or not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name!r} is not on local disk (compute nodes never download); fetch it on a "
+            f"node with internet (`huggingface-cli download {name}`) into the HF cache this job "
+            "sees (HF_HOME), or set policy.model_name to a local directory"
+        )
+    return path
+
+
+def sample_seed(run_seed: int, sample_id: str) -> int:
+    """The sampling seed of one sample: stable across reruns, distinct between samples."""
+    digest = hashlib.blake2b(f"{run_seed}\0{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _SEED_MASK
+
+
+# ---------------------------------------------------------------- the vLLM worker side
+
+
+class SluiceWorkerExtension:
+    """Mixed into vLLM's worker class (`LLM(worker_extension_cls=...)`), so that
+    `LLM.collective_rpc("sluice_reload_weights", ...)` runs it on every tensor-parallel rank."""
+
+    def sluice_reload_weights(self, weights_path: str) -> dict:
+        import torch
+
+        t0 = time.perf_counter()
+        self.reload_weights(weights_path=weights_path, is_checkpoint_format=True)
+        model = self.model_runner.get_model()
+        lm_head = model.lm_head
+        tied = bool(getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False))
+        if tied:
+            # The checkpoint has no lm_head.weight, so the reload leaves lm_head alone: on CPU
+            # its packed GEMM weight is still the old embedding matrix. Repack from the
+            # (shared, freshly loaded) embedding tensor. A no-op on GPU.
+            embed = model.model.embed_tokens
+            if lm_head.weight is not embed.weight:
+                lm_head.weight = embed.weight
+            lm_head.quant_method.process_weights_after_loading(lm_head)
+        weight = lm_head.weight
+        with torch.no_grad():
+            probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0))
+            probe = probe.to(device=weight.device, dtype=weight.dtype)
+            got = lm_head.quant_method.apply(lm_head, probe).float()
+            want = torch.nn.functional.linear(probe, weight).float()
+            err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+        # A correct GEMM differs from F.linear by rounding only (~1e-2 in 16 bit); a stale packed
+        # copy by however far the weights moved. That catches a broken mechanism (the tests move
+        # the weights by O(1)), not a nearly unchanged step, which is harmless by the same token.
+        tolerance = 1e-3 if weight.dtype == torch.float32 else 3e-2
+        if not err <= tolerance:
+            raise RuntimeError(
+                f"after reloading {weights_path} in place, lm_head computes with other weights than "
+                f"it holds (relative error {err:.3g} > {tolerance}; tied embeddings: {tied}); this vLLM "
+                "version packs lm_head differently than stages/generate.py expects"
+            )
+        return {"reload_s": time.perf_counter() - t0, "tied": tied, "lm_head_rel_err": err}
+
+
+# ------------------------------------------------------------------------ the engine
+
+
+def engine_kwargs(cfg: SluiceConfig, model_path: str | os.PathLike) -> dict:
+    """`vllm.LLM(**kwargs)` for the student's generation config on this machine."""
+    import torch
+
+    v = cfg.policy.generation.vllm_cfg
+    on_gpu = torch.cuda.is_available()
+    backend = v.distributed_executor_backend
+    if not on_gpu and backend is None and v.tensor_parallel_size == 1:
+        backend = "uni"  # the engine in this process: starts in ~2 s instead of ~15 s
+    if not on_gpu and v.precision != "float32":
+        log.warning("policy.generation.vllm_cfg.precision=%s is used on GPU only; the CPU engine "
+                    "runs float32", v.precision)
+    kwargs = dict(
+        model=str(model_path),
+        dtype=v.precision if on_gpu else "float32",
+        tensor_parallel_size=v.tensor_parallel_size,
+        gpu_memory_utilization=v.gpu_memory_utilization,
+        max_model_len=v.max_model_len,
+        enforce_eager=v.enforce_eager,
+        kv_cache_dtype=v.kv_cache_dtype,
+        seed=cfg.distillation.seed,
+        enable_prefix_caching=True,
+        logprobs_mode="processed_logprobs",
+        # By import path, not __name__: under `python -m stages.generate` that is "__main__",
+        # which names another module in spawned engine processes.
+        worker_extension_cls="stages.generate.SluiceWorkerExtension",
+    )
+    if backend is not None:
+        kwargs["distributed_executor_backend"] = backend
+    return kwargs
+
+
+class Generator:
+    """One vLLM engine holding one weights version of the student; generates rollouts."""
+
+    def __init__(self, cfg: SluiceConfig, model_path: str | os.PathLike, version: int = 0):
+        kwargs = engine_kwargs(cfg, model_path)
+        if kwargs.get("distributed_executor_backend") == "uni":
+            # With the uni executor the worker runs in-process anyway; keeping the engine core
+            # in-process too saves a process spawn and an IPC hop per step.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM, SamplingParams
+
+        self._SamplingParams = SamplingParams
+        self.cfg = cfg
+        self.version = version
+        self.max_model_len = cfg.policy.generation.vllm_cfg.max_model_len
+        self.batch_size = cfg.policy.generation_batch_size
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.startup_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.llm.generate([{"prompt_token_ids": _WARMUP_PROMPT}],
+                          SamplingParams(max_tokens=4, logprobs=0, seed=0), use_tqdm=False)
+        self.warmup_s = time.perf_counter() - t0
+        log.info("vLLM engine on %s up in %.1f s (+%.1f s warm-up)", model_path, self.startup_s, self.warmup_s)
+
+    def load_weights(self, weights_dir: str | os.PathLike, version: int) -> dict:
+        """Load HF safetensors from `weights_dir` into the running engine (no restart)."""
+        t0 = time.perf_counter()
+        infos = self.llm.collective_rpc("sluice_reload_weights", kwargs={"weights_path": str(weights_dir)})
+        # Prefix-cache blocks hold KV computed with the old weights; a hit would reuse them.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset the prefix cache after a weight reload "
+                               "(requests still running?); generating now would reuse stale KV")
+        self.version = version
+        info = {"version": version, "path": str(weights_dir), "reload_s": time.perf_counter() - t0,
+                "tied": infos[0]["tied"], "lm_head_rel_err": max(i["lm_head_rel_err"] for i in infos)}
+        log.info("loaded weights version %d from %s in place in %.3f s", version, weights_dir, info["reload_s"])
+        return info
+
+    def sampling_params(self, sample_id: str, prompt_len: int):
+        """The vLLM SamplingParams of one sample (its own seed; max_tokens fits max_model_len)."""
+        g = self.cfg.policy.generation
+        max_tokens = min(g.max_new_tokens, self.max_model_len - prompt_len)
+        if max_tokens < 1:
+            raise ValueError(
+                f"sample {sample_id!r}: prompt of {prompt_len} tokens leaves no room to answer within "
+                f"policy.generation.vllm_cfg.max_model_len={self.max_model_len}; lower "
+                "data.max_input_seq_length below it (the prompts stage should drop such prompts)"
+            )
+        return self._SamplingParams(
+            temperature=g.temperature,
+            top_p=g.top_p,
+            top_k=0 if g.top_k is None else g.top_k,  # vLLM: 0 disables top-k
+            max_tokens=max_tokens,
+            stop_token_ids=list(g.stop_token_ids or []),
+            stop=list(g.stop_strings or []) or None,
+            logprobs=0,  # the sampled token's own logprob
+            seed=sample_seed(self.cfg.distillation.seed, sample_id),
+            skip_special_tokens=False,
+        )
+
+    def generate(self, prompt_rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+        """Answer each row (`sample_id`, `prompt_ids`); returns the rollout columns, row-aligned:
+        response_ids, response_text, finish_reason, policy_version, gen_logprobs."""
+        prompts = [{"prompt_token_ids": list(r["prompt_ids"])} for r in prompt_rows]
+        params = [self.sampling_params(r["sample_id"], len(p["prompt_token_ids"]))
+                  for r, p in zip(prompt_rows, prompts)]
+        cols: dict[str, list] = {"response_ids": [], "response_text": [], "finish_reason": [],
+                                 "gen_logprobs": []}
+        # One call per generation_batch_size prompts: vLLM schedules them together.
+        for start in range(0, len(prompts), self.batch_size):
+            stop = start + self.batch_size
+            for out in self.llm.generate(prompts[start:stop], params[start:stop], use_tqdm=False):
+                c = out.outputs[0]
+                ids = list(c.token_ids)
+                cols["response_ids"].append(ids)
+                cols["response_text"].append(c.text)
+                cols["finish_reason"].append(c.finish_reason)
+                cols["gen_logprobs"].append([lp[t].logprob for t, lp in zip(ids, c.logprobs)])
+        cols["policy_version"] = [self.version] * len(prompts)
+        return cols
+
+    def close(self) -> None:
+        """Stop the engine (and its worker processes); a new one can be started afterwards."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def generate_shard(generator: Generator, prompts: pa.Table, policy_version: int) -> pa.Table:
+    """The rollouts table of a prompts shard: one row per prompt row, in the same order."""
+    if generator.version != policy_version:
+        raise ValueError(f"the engine holds weights version {generator.version}, not {policy_version}; "
+                         "call Generator.load_weights first")
+    rows = [{"sample_id": s, "prompt_ids": p}
+            for s, p in zip(prompts.column("sample_id").to_pylist(), prompts.column("prompt_ids").to_pylist())]
+    columns: dict[str, Any] = {name: prompts.column(name) for name in prompts.column_names}
+    columns.update(generator.generate(rows))
+    return build_table("rollouts", columns)
+
+
+# ------------------------------------------------------------------------ the worker
+
+
+def pick_weights(rd: RunDir, step: int, max_staleness: int) -> Optional[Tuple[int, Optional[Path]]]:
+    """(version, weights dir) that generation of `step` may use, the dir None for version 0
+    (the base model); None while no allowed version is committed (wait)."""
+    lowest = max(0, step - 1 - max_staleness)
+    version, path = latest_weights(rd, at_most=step - 1)
+    if version >= max(lowest, 1):
+        return version, path
+    return (0, None) if lowest == 0 else None
+
+
+@contextmanager
+def _beating(worker: Worker, status: str, detail: str):
+    """Keep the worker record fresh during a long call (one generate can take minutes)."""
+    worker.beat(status, detail, force=True)
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(worker.beat_every_s):
+            worker.beat(force=True)
+
+    thread = threading.Thread(target=loop, name="worker-beat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+class _GenerationWorker:
+    """The claim/generate/commit loop around one Generator."""
+
+    def __init__(self, rd: RunDir, worker: Worker, generator: Generator, base_path: Path):
+        self.rd, self.worker, self.gen, self.base_path = rd, worker, generator, base_path
+        self.cfg = worker.cfg
+        self.loaded: tuple = (0, None)  # (version, commit time of its weights dir)
+        self.committed = 0
+        # step -> when it was seen complete. Rechecked only every lease_s: a long run has many
+        # steps, but a reader may still quarantine a committed shard, making it pending again.
+        self.complete_steps: dict[int, float] = {}
+
+    def ensure_weights(self, version: int, path: Optional[Path]) -> None:
+        # The commit time tells a redone weights/<v> (a retried training step) from the old one.
+        stamp = None if path is None else (read_json(path / COMMITTED) or {}).get("committed_at")
+        if (version, stamp) == self.loaded:
+            return
+        with _beating(self.worker, "loading", f"weights version {version}"):
+            self.gen.load_weights(self.base_path if path is None else path, version)
+        self.loaded = (version, stamp)
+
+    def work_step(self, step: int) -> Tuple[str, str]:
+        """Do what is claimable in `step`. Returns (outcome, detail), outcome one of
+        'complete', 'worked', 'no_weights' (no allowed weights version yet), 'idle'."""
+        q = self.cfg.queue
+        if time.monotonic() - self.complete_steps.get(step, -float("inf")) < q.lease_s:
+            return "complete", f"step {step} complete"
+        rollouts = StageQueue(self.rd, step, "rollouts", lease_s=q.lease_s)
+        if rollouts.expected() is None:
+            return "idle", f"step {step}: rollouts not declared yet"
+        pending = rollouts.pending()
+        if not pending:
+            self.complete_steps[step] = time.monotonic()
+            return "complete", f"step {step} complete"
+        picked = pick_weights(self.rd, step, self.cfg.distillation.max_staleness)
+        if picked is None:
+            lowest = step - 1 - self.cfg.distillation.max_staleness
+            return "no_weights", f"step {step}: waiting for weights version >= {lowest}"
+        prompts = StageQueue(self.rd, step, "prompts", lease_s=q.lease_s)
+        ready = [i for i in pending if i in prompts.committed()]
+        if not ready:
+            return "idle", f"step {step}: waiting for prompts shards {pending}"
+        self.ensure_weights(*picked)
+        worked = False
+        for index in ready:
+            if self.worker.should_stop():
+                break
+            claim = rollouts.claim(index)
+            if claim is None:
+                continue  # another worker has it
+            with claim.start_heartbeat(q.heartbeat_s):
+                worked |= self.do_shard(step, index, prompts, rollouts, claim)
+        if worked:
+            return "worked", f"step {step}: generated"
+        return "idle", f"step {step}: shards {ready} claimed by other workers"
+
+    def do_shard(self, step: int, index: int, prompts: StageQueue, rollouts: StageQueue, claim) -> bool:
+        version = self.gen.version
+        try:
+            table = prompts.read(index)
+        except CorruptShardError as e:
+            log.error("%s", e)  # quarantined: the coordinator rewrites it, we come back then
+            return False
+        with _beating(self.worker, "generating", f"step {step} shard {index} ({table.num_rows} prompts, "
+                                                 f"weights v{version})"):
+            t0 = time.perf_counter()
+            out = generate_shard(self.gen, table, version)
+            gen_s = time.perf_counter() - t0
+        lengths = [len(ids) for ids in out.column("response_ids").to_pylist()]
+        extra = {
+            "policy_version": version,
+            "gen_s": round(gen_s, 4),
+            "samples": out.num_rows,
+            "prompt_tokens": sum(len(p) for p in table.column("prompt_ids").to_pylist()),
+            "tokens": sum(lengths),
+            "truncated": out.column("finish_reason").to_pylist().count("length"),
+        }
+        try:
+            rollouts.commit(index, out, extra_meta=extra, claim=claim)
+        except ClaimLostError as e:
+            log.warning("%s", e)
+            return False
+        self.committed += 1
+        log.info("step %d shard %d: %d samples, %d tokens in %.2f s (%.0f tok/s), weights v%d", step, index,
+                 out.num_rows, extra["tokens"], gen_s, extra["tokens"] / max(gen_s, 1e-9), version)
+        return True
+
+
+def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
+    """The generation worker; returns how many rollouts shards it committed.
+
+    step=N: every pending shard of step N (waiting for its weights and prompts), then return.
+    Otherwise every active step in ascending order until coordinator/STOP; once=True: a single
+    pass over what is claimable now.
+    """
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    worker = Worker(rd, ROLE)
+    cfg = worker.cfg
+    try:
+        base_path = resolve_model(cfg.policy.model_name)
+        worker.beat("starting", f"vLLM engine on {base_path}", force=True)
+        with Generator(cfg, base_path) as gen:
+            loop = _GenerationWorker(rd, worker, gen, base_path)
+            while not worker.should_stop():
+                steps = [step] if step is not None else active_steps(rd, "rollouts")
+                worked, outcome, detail = False, "idle", "no active steps"
+                for t in steps:
+                    outcome, detail = loop.work_step(t)
+                    worked |= outcome == "worked"
+                    if outcome == "no_weights":
+                        break  # later steps need even newer weights
+                if step is not None and outcome == "complete":
+                    break
+                if once:
+                    break
+                if not worked:
+                    worker.beat("waiting", detail)
+                    time.sleep(cfg.queue.poll_s)
+    except BaseException as e:
+        summary = "".join(traceback.format_exception_only(type(e), e)).strip()
+        worker.beat("failed", detail=f"{summary}\n{traceback.format_exc(limit=-3)}", force=True)
+        raise
+    worker.finish()
+    return loop.committed
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m stages.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="the run directory (holds config.yaml)")
+    p.add_argument("--step", type=int, default=None, help="do every pending shard of this step, then exit")
+    p.add_argument("--once", action="store_true", help="one pass over the active steps, then exit")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    n = run_worker(args.run_dir, step=args.step, once=args.once)
+    log.info("committed %d rollouts shards", n)
+
+
+if __name__ == "__main__":
+    main()
