@@ -53,3 +53,26 @@ def tokenizer_fingerprint(name: str) -> Optional[str]:
     added = sorted((t["id"], t["content"]) for t in tok.get("added_tokens", []))
     blob = json.dumps([sorted(vocab.items()) if isinstance(vocab, dict) else vocab, added])
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def ensure_model(name: str, key: str = "model_name") -> Path:
+    """The local directory of `name`, building the built-in tiny models on first use.
+
+    Raises FileNotFoundError naming `key` and the fix when the model is not on local disk.
+    """
+    if name.startswith(TINY_PREFIX):
+        if name == TINY_PREFIX + "thinker":
+            from shared.thinker import build_thinker
+
+            build_thinker(tiny_models_dir())
+        else:
+            from shared.tiny import build_tiny_models
+
+            build_tiny_models(tiny_models_dir())
+    path = find_model(name)
+    if path is None or not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{key}={name!r} is not on local disk (compute nodes never download); fetch it on a "
+            f"node with internet (huggingface-cli download {name}) into the HF cache the jobs see "
+            "(HF_HOME), or give a local directory holding config.json")
+    return path

@@ -68,7 +68,7 @@ from torch import nn
 
 from shared import schemas
 from shared.config import SluiceConfig
-from shared.models import TINY_PREFIX, find_model, tiny_models_dir
+from shared.models import ensure_model
 from shared.queue import ClaimLostError, CorruptShardError, Owner, RunDir, StageQueue
 from shared.worker import Worker, active_steps, load_run_config
 
@@ -146,19 +146,7 @@ class Teacher:
 
 
 def resolve_model(name: str) -> Path:
-    """The local directory of ``name``; the built-in tiny models are built on first use."""
-    if name.startswith(TINY_PREFIX):
-        from shared.tiny import build_tiny_models
-
-        build_tiny_models(tiny_models_dir())
-    path = find_model(name)
-    if path is None or not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"teacher.model_name={name!r}: no model found on local disk (HF cache, a directory "
-            "with config.json, or tiny:teacher). Fix: download it on a node with internet "
-            f"(huggingface-cli download {name}) into the cache the compute nodes share"
-        )
-    return path
+    return ensure_model(name, "teacher.model_name")
 
 
 def _settings(cfg: SluiceConfig) -> dict:

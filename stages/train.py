@@ -92,7 +92,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from shared.config import SluiceConfig
 from shared.loss import distillation_loss
-from shared.models import TINY_PREFIX, find_model, tiny_models_dir
+from shared.models import ensure_model
 from shared.queue import CorruptShardError, NotCommittedError, RunDir, StageQueue
 from shared.schemas import ragged_from_arrow, topk_from_arrow
 from shared.worker import (
@@ -163,18 +163,7 @@ def _broadcast(obj, d: Dist):
 
 
 def resolve_model(name: str) -> Path:
-    """The local directory of model `name`, building the tiny models first for "tiny:" names."""
-    if name.startswith(TINY_PREFIX):
-        from shared.tiny import build_tiny_models
-
-        build_tiny_models(tiny_models_dir())
-    path = find_model(name)
-    if path is None or not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"policy.model_name={name!r} is not on local disk (compute nodes never download); "
-            f"fetch it on a node with internet (huggingface-cli download {name}) into the HF cache "
-            "the workers see (HF_HOME), or give a local directory holding config.json")
-    return path
+    return ensure_model(name, "policy.model_name")
 
 
 class ResponseGather:

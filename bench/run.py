@@ -1,0 +1,193 @@
+"""`make bench`: every benchmark the issues ask for, each against its baseline measured in the
+same run, written to BENCHMARKS.md (a table) and BENCHMARKS.json next to it.
+
+    python -m bench.run                      # all benchmarks (about 10-15 min on a 2-core CPU box)
+    python -m bench.run --only queue,train   # a subset
+
+Each benchmark module runs in its own subprocess (vLLM and torch set process-wide state) and
+fills entries {name, value, unit, baseline, ratio, target, better}; the ratio is always the
+candidate over its baseline from the same run, so figures from a loaded or a fast machine
+stay comparable. Benchmarks that need CUDA report themselves skipped on CPU machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = ["queue", "generate", "score", "train", "coordinator", "learn"]
+TITLES = {
+    "queue": "Run-directory queue (issue 3)",
+    "generate": "Generation stage (issue 4)",
+    "score": "Teacher scoring (issue 4)",
+    "train": "Training stage (issue 4)",
+    "coordinator": "Coordinator (issue 5)",
+    "learn": "Learning check (issue 8, also `make learn`)",
+}
+
+
+def run_module(name: str, timeout_s: int = 1500) -> dict:
+    """Run bench.bench_<name>.run(out) in a fresh process; returns its `out` (or an error)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    code = ("import json, sys\n"
+            f"from bench import bench_{name} as m\n"
+            "out = {}\n"
+            "m.run(out)\n"
+            "json.dump(out, open(sys.argv[1], 'w'), default=str)\n")
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", code, path], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout_s)
+    elapsed = time.time() - started
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        return {"error": f"exit {proc.returncode}", "log": tail, "elapsed_s": elapsed}
+    out = json.loads(Path(path).read_text())
+    os.unlink(path)
+    out["elapsed_s"] = elapsed
+    return out
+
+
+def _target(entry: dict) -> str:
+    t = entry.get("target")
+    if isinstance(t, str):
+        return t
+    if t is None:
+        return "report"
+    return f"{'<=' if entry.get('better') == 'lower' else '>='} {t}"
+
+
+def _met(entry: dict):
+    target = _target(entry)
+    if target == "report" or entry.get("ratio") is None:
+        return None
+    op, bound = target.split()
+    value = entry.get("compare", entry["ratio"])
+    return value <= float(bound) if op == "<=" else value >= float(bound)
+
+
+def queue_entries(out: dict) -> list:
+    """bench_queue reports a flat dict of figures; turn it into table entries."""
+    if "bytes_per_topk_entry" not in out:
+        return []
+    return [
+        {"name": "scored shard bytes per top-k entry (k=64, vocab 151,936), whole file",
+         "value": out["bytes_per_topk_entry"], "unit": "B", "baseline": 12.0,
+         "ratio": out["bytes_per_topk_entry"], "target": "<= 6", "note": "baseline: Ray system's fp32+int64 in memory"},
+        {"name": "scored shard bytes per top-k entry, top-k columns alone",
+         "value": out["topk_bytes_per_entry"], "unit": "B", "baseline": 12.0,
+         "ratio": out["topk_bytes_per_entry"], "target": "<= 6"},
+        {"name": "scored-shard commit throughput vs plain copy+fsync",
+         "value": out["commit_MBps"], "unit": "MB/s", "baseline": out["copy_MBps"],
+         "ratio": out["commit_vs_copy"], "target": ">= 0.8"},
+        {"name": "scored-shard write from tensors vs plain copy+fsync",
+         "value": out["write_MBps"], "unit": "MB/s", "baseline": out["copy_MBps"],
+         "ratio": out["write_vs_copy"], "target": "report"},
+        {"name": "scored-shard read (verified) to tensors vs plain copy",
+         "value": out["read_MBps"], "unit": "MB/s", "baseline": out["copy_MBps"],
+         "ratio": out["read_vs_copy"], "target": ">= 0.8"},
+    ]
+
+
+def entries_of(name: str, out: dict) -> list:
+    if name == "queue":
+        return queue_entries(out)
+    found = list(out.get("entries", []))
+    found += [v for v in out.values() if isinstance(v, dict) and "name" in v and "value" in v]
+    return found
+
+
+def machine() -> str:
+    gpu = "no CUDA"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}, {gpu})"
+
+
+def fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "-" if x is None else str(x)
+
+
+def write_reports(results: dict, md_path: Path) -> None:
+    mach = machine()
+    lines = ["# Benchmarks", "",
+             f"Written by `make bench` (`python -m bench.run`) on {time.strftime('%Y-%m-%d %H:%M')} "
+             f"on {mach}. Each ratio is the candidate over its baseline measured in the same run; "
+             "'met' compares the ratio with the target.", ""]
+    all_entries = []
+    for name in MODULES:
+        if name not in results:
+            continue
+        out = results[name]
+        lines += [f"## {TITLES[name]}", ""]
+        if "error" in out:
+            lines += [f"Failed ({out['error']}):", "", "```", out.get("log", ""), "```", ""]
+            continue
+        for skip in out.get("skipped", []):
+            lines.append(f"- skipped: {skip}")
+        ents = entries_of(name, out)
+        if ents:
+            lines += ["| figure | value | unit | baseline | ratio | target | met | machine |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for e in ents:
+                met = _met(e)
+                e = {**e, "met": met, "target": _target(e), "machine": mach, "bench": name}
+                all_entries.append(e)
+                mark = {True: "yes", False: "**no**", None: "-"}[met]
+                lines.append(f"| {e['name']} | {fmt(e['value'])} | {e.get('unit', '')} | "
+                             f"{fmt(e.get('baseline'))} | {fmt(e.get('ratio'))} | {e['target']} | {mark} | {mach} |")
+        for note in out.get("notes", []):
+            lines.append(f"\n{note}")
+        lines += ["", f"({out.get('elapsed_s', 0):.0f} s)", ""]
+    met = [e for e in all_entries if e["met"] is not None]
+    lines.insert(4, f"Targets met: {sum(e['met'] for e in met)} of {len(met)}.\n")
+    md_path.write_text("\n".join(lines) + "\n")
+    md_path.with_suffix(".json").write_text(json.dumps(
+        {"machine": mach, "time": time.time(), "entries": all_entries, "raw": results},
+        indent=1, default=str) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--only", default=",".join(MODULES))
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    args = p.parse_args(argv)
+    wanted = [m for m in args.only.split(",") if m]
+    unknown = set(wanted) - set(MODULES)
+    if unknown:
+        print(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(MODULES)}", file=sys.stderr)
+        return 2
+    out_path = Path(args.out)
+    previous = {}
+    if out_path.with_suffix(".json").exists() and len(wanted) < len(MODULES):
+        previous = json.loads(out_path.with_suffix(".json").read_text()).get("raw", {})
+    results = dict(previous)
+    for name in wanted:
+        if not (REPO / "bench" / f"bench_{name}.py").exists():
+            continue
+        print(f"[bench] {name} ...", flush=True)
+        results[name] = run_module(name)
+        print(f"[bench] {name}: {'failed: ' + results[name]['error'] if 'error' in results[name] else 'done'} "
+              f"({results[name].get('elapsed_s', 0):.0f}s)", flush=True)
+    write_reports(results, out_path)
+    print(f"wrote {out_path} and {out_path.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
