@@ -31,6 +31,22 @@ Sampling is reproducible: each sample gets its own seed derived from
 (cfg.distillation.seed, sample_id), so a redone shard draws the same answers on the same
 weights, whichever worker redoes it and whatever else is in the batch (up to kernel noise).
 
+Validation (launch/validation.py writes the requests): the coordinator puts the validation
+prompts of weights version v in a second queue rooted at RUN_DIR/validation/, i.e.
+RUN_DIR/validation/steps/<v:06d>/{prompts,rollouts}/ (same shard files, claims and commit
+records as the training queue). A worker answers them with exactly weights v (v = 0: the base
+model), one shard (`distillation.val_batch_size` prompts) per pass of its loop, after the
+training shards claimable in that pass, so training keeps priority. It takes a version its
+engine already holds at once (with max_staleness=0: right after generating step v+1, while
+the teacher and training work on it) and loads another version only in a pass that found no
+training work, so validation never starves (the end of the run is all idle). Before any
+training shard the worker loads that step's weights, so a validation never leaves training
+on older weights. Validation samples get their seed from their sample_id "val-<row>" like
+training samples: the same row draws the same answer on the same weights in every rerun.
+A validation shard's commit record `extra` holds {"validation": true, "policy_version",
+"weights_committed_at" (COMMITTED.json of weights/<v>; null for v0), "gen_s", "samples",
+"prompt_tokens", "tokens", "truncated"}.
+
 In-place reload (vLLM's `reload_weights` worker method) has one trap on CPU: with tied
 embeddings, `lm_head` keeps its own packed copy of the old embedding matrix, so the engine
 would mix old and new weights. `SluiceWorkerExtension.sluice_reload_weights` repacks it and
@@ -56,7 +72,8 @@ from shared.config import SluiceConfig
 from shared.models import TINY_PREFIX, find_model, tiny_models_dir
 from shared.queue import ClaimLostError, CorruptShardError, RunDir, StageQueue
 from shared.schemas import build_table
-from shared.worker import COMMITTED, Worker, active_steps, latest_weights, read_json
+from shared.worker import (COMMITTED, Worker, active_steps, is_committed_dir, latest_weights,
+                           read_json, weights_path)
 
 log = logging.getLogger("sluice.generate")
 
@@ -66,6 +83,13 @@ _SEED_MASK = 0x7FFF_FFFF
 # The first generate call with logprobs is several times slower than later ones: paid once at
 # start-up, not inside the first shard's timing.
 _WARMUP_PROMPT = [0, 1, 2, 3]
+# The validation queue's root inside RUN_DIR (launch/validation.py writes its prompts).
+VALIDATION_DIR = "validation"
+
+
+def validation_run_dir(rd: RunDir) -> RunDir:
+    """The RunDir of the validation queue: RUN_DIR/validation/steps/<version>/<stage>/."""
+    return RunDir(rd.path(VALIDATION_DIR))
 
 
 def resolve_model(name: str) -> Path:
@@ -229,17 +253,20 @@ class Generator:
             skip_special_tokens=False,
         )
 
-    def generate(self, prompt_rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+    def generate(self, prompt_rows: Sequence[Mapping[str, Any]], batch_size: Optional[int] = None
+                 ) -> dict[str, list]:
         """Answer each row (`sample_id`, `prompt_ids`); returns the rollout columns, row-aligned:
-        response_ids, response_text, finish_reason, policy_version, gen_logprobs."""
+        response_ids, response_text, finish_reason, policy_version, gen_logprobs.
+        `batch_size`: prompts per vLLM call (default policy.generation_batch_size)."""
+        batch_size = batch_size or self.batch_size
         prompts = [{"prompt_token_ids": list(r["prompt_ids"])} for r in prompt_rows]
         params = [self.sampling_params(r["sample_id"], len(p["prompt_token_ids"]))
                   for r, p in zip(prompt_rows, prompts)]
         cols: dict[str, list] = {"response_ids": [], "response_text": [], "finish_reason": [],
                                  "gen_logprobs": []}
         # One call per generation_batch_size prompts: vLLM schedules them together.
-        for start in range(0, len(prompts), self.batch_size):
-            stop = start + self.batch_size
+        for start in range(0, len(prompts), batch_size):
+            stop = start + batch_size
             for out in self.llm.generate(prompts[start:stop], params[start:stop], use_tqdm=False):
                 c = out.outputs[0]
                 ids = list(c.token_ids)
@@ -263,7 +290,8 @@ class Generator:
         self.close()
 
 
-def generate_shard(generator: Generator, prompts: pa.Table, policy_version: int) -> pa.Table:
+def generate_shard(generator: Generator, prompts: pa.Table, policy_version: int,
+                   batch_size: Optional[int] = None) -> pa.Table:
     """The rollouts table of a prompts shard: one row per prompt row, in the same order."""
     if generator.version != policy_version:
         raise ValueError(f"the engine holds weights version {generator.version}, not {policy_version}; "
@@ -271,7 +299,7 @@ def generate_shard(generator: Generator, prompts: pa.Table, policy_version: int)
     rows = [{"sample_id": s, "prompt_ids": p}
             for s, p in zip(prompts.column("sample_id").to_pylist(), prompts.column("prompt_ids").to_pylist())]
     columns: dict[str, Any] = {name: prompts.column(name) for name in prompts.column_names}
-    columns.update(generator.generate(rows))
+    columns.update(generator.generate(rows, batch_size=batch_size))
     return build_table("rollouts", columns)
 
 
@@ -315,13 +343,22 @@ class _GenerationWorker:
         self.cfg = worker.cfg
         self.loaded: tuple = (0, None)  # (version, commit time of its weights dir)
         self.committed = 0
+        self.vrd = validation_run_dir(rd)
+        self.complete_validations: dict[int, float] = {}
         # step -> when it was seen complete. Rechecked only every lease_s: a long run has many
         # steps, but a reader may still quarantine a committed shard, making it pending again.
         self.complete_steps: dict[int, float] = {}
 
-    def ensure_weights(self, version: int, path: Optional[Path]) -> None:
+    @staticmethod
+    def _stamp(path: Optional[Path]):
         # The commit time tells a redone weights/<v> (a retried training step) from the old one.
-        stamp = None if path is None else (read_json(path / COMMITTED) or {}).get("committed_at")
+        return None if path is None else (read_json(path / COMMITTED) or {}).get("committed_at")
+
+    def holds(self, version: int, path: Optional[Path]) -> bool:
+        return self.loaded == (version, self._stamp(path))
+
+    def ensure_weights(self, version: int, path: Optional[Path]) -> None:
+        stamp = self._stamp(path)
         if (version, stamp) == self.loaded:
             return
         with _beating(self.worker, "loading", f"weights version {version}"):
@@ -363,20 +400,61 @@ class _GenerationWorker:
             return "worked", f"step {step}: generated"
         return "idle", f"step {step}: shards {ready} claimed by other workers"
 
-    def do_shard(self, step: int, index: int, prompts: StageQueue, rollouts: StageQueue, claim) -> bool:
+    def work_validation(self, may_load: bool) -> Tuple[str, str]:
+        """Answer one claimable validation shard. Versions the engine holds come first (no
+        reload); another version is loaded only when `may_load` (no training work waits).
+        Returns (outcome, detail), outcome 'worked' or 'idle'."""
+        q = self.cfg.queue
+        candidates = []
+        for v in active_steps(self.vrd, "rollouts"):
+            if time.monotonic() - self.complete_validations.get(v, -float("inf")) < q.lease_s:
+                continue
+            rollouts = StageQueue(self.vrd, v, "rollouts", lease_s=q.lease_s)
+            pending = rollouts.pending()
+            if not pending:
+                self.complete_validations[v] = time.monotonic()
+                continue
+            path = None if v == 0 else weights_path(self.rd, v)
+            if path is not None and not is_committed_dir(path):
+                continue  # requested before its training step ended: not yet
+            prompts = StageQueue(self.vrd, v, "prompts", lease_s=q.lease_s)
+            done = prompts.committed()
+            ready = [i for i in pending if i in done]
+            if ready:
+                candidates.append((not self.holds(v, path), v, path, ready, rollouts, prompts))
+        for needs_load, v, path, ready, rollouts, prompts in sorted(candidates, key=lambda c: c[:2]):
+            if needs_load and not may_load:
+                continue
+            for index in ready:
+                if self.worker.should_stop():
+                    return "idle", "stopping"
+                claim = rollouts.claim(index)
+                if claim is None:
+                    continue  # another worker has it
+                with claim.start_heartbeat(q.heartbeat_s):
+                    self.ensure_weights(v, path)
+                    if self.do_shard(v, index, prompts, rollouts, claim, validation=True):
+                        return "worked", f"validation of weights v{v}: shard {index}"
+        return "idle", "no claimable validation shards"
+
+    def do_shard(self, step: int, index: int, prompts: StageQueue, rollouts: StageQueue, claim,
+                 validation: bool = False) -> bool:
         version = self.gen.version
+        what = f"validation v{step}" if validation else f"step {step}"
         try:
             table = prompts.read(index)
         except CorruptShardError as e:
             log.error("%s", e)  # quarantined: the coordinator rewrites it, we come back then
             return False
-        with _beating(self.worker, "generating", f"step {step} shard {index} ({table.num_rows} prompts, "
-                                                 f"weights v{version})"):
+        with _beating(self.worker, "validating" if validation else "generating",
+                      f"{what} shard {index} ({table.num_rows} prompts, weights v{version})"):
             t0 = time.perf_counter()
-            out = generate_shard(self.gen, table, version)
+            out = generate_shard(self.gen, table, version,
+                                 batch_size=self.cfg.distillation.val_batch_size if validation else None)
             gen_s = time.perf_counter() - t0
         lengths = [len(ids) for ids in out.column("response_ids").to_pylist()]
         extra = {
+            **({"validation": True, "weights_committed_at": self.loaded[1]} if validation else {}),
             "policy_version": version,
             "gen_s": round(gen_s, 4),
             "samples": out.num_rows,
@@ -390,7 +468,7 @@ class _GenerationWorker:
             log.warning("%s", e)
             return False
         self.committed += 1
-        log.info("step %d shard %d: %d samples, %d tokens in %.2f s (%.0f tok/s), weights v%d", step, index,
+        log.info("%s shard %d: %d samples, %d tokens in %.2f s (%.0f tok/s), weights v%d", what, index,
                  out.num_rows, extra["tokens"], gen_s, extra["tokens"] / max(gen_s, 1e-9), version)
         return True
 
@@ -399,8 +477,9 @@ def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
     """The generation worker; returns how many rollouts shards it committed.
 
     step=N: every pending shard of step N (waiting for its weights and prompts), then return.
-    Otherwise every active step in ascending order until coordinator/STOP; once=True: a single
-    pass over what is claimable now.
+    Otherwise every active step in ascending order, then validation shards (see the module
+    docstring), until coordinator/STOP; once=True: a single pass over what is claimable now
+    (all claimable validation shards included). Validation shards count in the return value.
     """
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     worker = Worker(rd, ROLE)
@@ -420,6 +499,16 @@ def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
                         break  # later steps need even newer weights
                 if step is not None and outcome == "complete":
                     break
+                if step is None:
+                    # After this pass's training shards; with `once`, every claimable one.
+                    may_load = not worked
+                    while not worker.should_stop():
+                        v_outcome, v_detail = loop.work_validation(may_load)
+                        if v_outcome != "worked":
+                            break
+                        worked, detail = True, v_detail
+                        if not once:
+                            break
                 if once:
                     break
                 if not worked:
