@@ -130,7 +130,7 @@ class Validation:
         from shared.data import load_rows
 
         cfg = self.cfg
-        if cfg.data.validation is not None:
+        if cfg.data.validation.dataset_name is not None or cfg.data.validation.data_path is not None:
             rows, skipped = load_rows(cfg.data.validation, cfg, "validation")
             return rows, skipped, cfg.data.validation, "data.validation"
         held = read_json(self.rd.path("data", "heldout.json"))

@@ -410,8 +410,9 @@ class DataConfig:
     """Shuffle the training data each epoch (seeded by distillation.seed)."""
     train: DatasetConfig = field(default_factory=DatasetConfig)
     """Training dataset."""
-    validation: Optional[DatasetConfig] = None
-    """Validation dataset (null: none, or train's split_validation_size held out)."""
+    validation: DatasetConfig = field(default_factory=DatasetConfig)
+    """Validation dataset. dataset_name and data_path both null: none (then the rows held out
+    of train by data.train.split_validation_size, if any)."""
     default: DataDefaults = field(default_factory=DataDefaults)
     """Settings shared by the datasets."""
 

@@ -12,6 +12,7 @@ does not have fail with the reason (`shared.config.REFUSED_KEYS`).
 from __future__ import annotations
 
 import difflib
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -38,8 +39,15 @@ def _schema_keys() -> List[str]:
             full = f"{prefix}{k}"
             keys.append(full)
             child = node._get_node(k)
-            if (isinstance(child, DictConfig) and not child._is_none()
-                    and child._metadata.object_type not in (dict, None)):
+            if not isinstance(child, DictConfig):
+                continue
+            if child._is_none():
+                # An optional section that is null by default (teacher.generation): its keys
+                # are still valid overrides.
+                ref = child._metadata.ref_type
+                if isinstance(ref, type) and is_dataclass(ref):
+                    walk(OmegaConf.structured(ref), full + ".")
+            elif child._metadata.object_type not in (dict, None):
                 walk(child, full + ".")
 
     walk(OmegaConf.structured(SluiceConfig), "")
@@ -136,6 +144,12 @@ def load(conf: str, overrides: Sequence[str] = ()) -> Tuple[SluiceConfig, DictCo
             node = compose(config_name=name, overrides=search + list(overrides))
         OmegaConf.resolve(node)
         typed = OmegaConf.to_object(node)
+    except AssertionError:
+        # OmegaConf asserts when an override goes below a section the recipe sets to null.
+        raise UserError(
+            "config error: an override sets a key inside a section that is null in recipe "
+            f"{name}. Fix: remove the override, or give the whole section in a YAML recipe of "
+            "yours.") from None
     except (HydraException, OmegaConfBaseException) as e:
         key = _key_of(e)
         text = _messages(e)

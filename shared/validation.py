@@ -283,9 +283,8 @@ def validate(cfg: SluiceConfig, check_models: bool = False) -> Plan:
     _check_prompt_file("data.default.system_prompt_file", data.default.system_prompt_file, False)
     for name in ("train", "validation"):
         ds = getattr(data, name)
-        if ds is not None:
-            _check_prompt_file(f"data.{name}.prompt_file", ds.prompt_file, True)
-            _check_prompt_file(f"data.{name}.system_prompt_file", ds.system_prompt_file, False)
+        _check_prompt_file(f"data.{name}.prompt_file", ds.prompt_file, True)
+        _check_prompt_file(f"data.{name}.system_prompt_file", ds.system_prompt_file, False)
     _check_choice("data.default.env_name", data.default.env_name, ("math",))
 
     _check_template(cfg)
