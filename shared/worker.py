@@ -96,7 +96,8 @@ class Worker:
             self._last_beat = now
 
     def should_stop(self) -> bool:
-        return self.rd.path("coordinator", "STOP").exists()
+        # A one-shot task (launch.resubmit --step N sets SLUICE_ONE_SHOT_STEP) redoes its step even on a finished run.
+        return self.rd.path("coordinator", "STOP").exists() and not os.environ.get("SLUICE_ONE_SHOT_STEP")
 
     def finish(self, status: str = "exited") -> None:
         self.beat(status, force=True)
@@ -165,3 +166,14 @@ def latest_weights(rd: RunDir, at_most: Optional[int] = None) -> Tuple[int, Opti
             if (at_most is None or s <= at_most) and s > best[0]:
                 best = (s, d)
     return best
+
+
+def fault_point(name: str, step: int) -> None:
+    """Fault injection for tests: SLUICE_FAULTS="checkpoint_save:2" SIGKILLs this process when
+    it reaches the point `checkpoint_save` at step 2 (a real kill at an exact place, e.g. after
+    a checkpoint's data is written and before it is committed). Unset in production."""
+    spec = os.environ.get("SLUICE_FAULTS")
+    if spec and f"{name}:{step}" in spec.split(","):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

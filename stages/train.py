@@ -97,6 +97,7 @@ from shared.queue import CorruptShardError, NotCommittedError, RunDir, StageQueu
 from shared.schemas import ragged_from_arrow, topk_from_arrow
 from shared.worker import (
     Worker,
+    fault_point,
     atomic_write_json,
     commit_dir,
     is_committed_dir,
@@ -630,6 +631,7 @@ class Trainer:
         final = self.checkpoint_dir(self.step)
         tmp = _broadcast(str(temp_dir_for(final)) if self.d.rank == 0 else None, self.d)
         dcp.save({"train": self.state}, checkpoint_id=tmp)
+        fault_point("checkpoint_save", self.step)
         dist.barrier()
         if self.d.rank == 0:
             commit_dir(Path(tmp), final, {"step": self.step, "optimizer_steps": self.optimizer_steps,
