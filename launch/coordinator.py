@@ -14,6 +14,9 @@ Files it writes:
                                  "resumed_from"}
     coordinator/events.jsonl    append-only, one JSON object a line: {"time", "event", ...}
     coordinator/STOP            the run is over ({"reason": ...}): workers exit
+    coordinator/lock.json       {"pid", "host", "token", "started", "heartbeat"} while a
+                                coordinator runs the run (refreshed every few seconds): a
+                                second coordinator on the same run refuses to start
     data/train.arrow            the tokenized training prompts (fixed at the first start)
     data/summary.json           rows used and rows skipped by reason
     steps/<t>/prompts/...       prompts shards (one row per sample), and EXPECTED for the
@@ -26,8 +29,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -42,10 +48,47 @@ from shared.worker import (active_steps, atomic_write_json, is_committed_dir, lo
 
 log = logging.getLogger("sluice.coordinator")
 ROLES = ("generation", "teacher", "training")
+# A worker starting up or loading a model may be silent this long before it counts as hung.
+LOADING_GRACE_S = 1800.0
+# A job Slurm accounting has never heard of after this long counts as vanished.
+UNKNOWN_GRACE_S = 300.0
+# The coordinator lock: refreshed this often, held while younger than LOCK_FRESH_S (on the
+# lock holder's own host, only while its pid lives: a killed coordinator is replaced at once).
+LOCK_BEAT_S = 5.0
+LOCK_FRESH_S = 60.0
+
+
+def _lock_path(root) -> Path:
+    return Path(root) / "coordinator" / "lock.json"
+
+
+def live_coordinator(root) -> Optional[dict]:
+    """The lock of another coordinator process still running the run in `root`, or None."""
+    info = read_json(_lock_path(root))
+    if not isinstance(info, dict):
+        return None
+    if time.time() - float(info.get("heartbeat", 0)) > LOCK_FRESH_S:
+        return None
+    if info.get("host") == socket.gethostname():
+        pid = int(info.get("pid", 0))
+        if pid == os.getpid() or not J._pid_alive(pid):
+            return None
+    return info
+
+
+def describe_lock(info: dict) -> str:
+    where = f"pid {info.get('pid')} on {info.get('host')}"
+    if info.get("slurm_job_id"):
+        where += f", Slurm job {info['slurm_job_id']}"
+    return where
 
 
 class RunFailed(Exception):
     """The run cannot go on (a role past its retry budget, a placement violation)."""
+
+
+class AlreadyRunning(Exception):
+    """Another coordinator process runs this run directory."""
 
 
 class Coordinator:
@@ -62,15 +105,26 @@ class Coordinator:
             "jobs": {}, "retries": {r: 0 for r in ROLES}, "phase": "starting"}
         self.jobs: Dict[str, Dict[int, object]] = {r: {} for r in ROLES}
         self.poll_s = self.cfg.queue.poll_s
-        self._events = open(self.rd.path("coordinator", "events.jsonl"), "a")
+        events = self.rd.path("coordinator", "events.jsonl")
+        events.parent.mkdir(parents=True, exist_ok=True)
+        self._events = open(events, "a+b")
+        self._events.seek(0, os.SEEK_END)
+        if self._events.tell() > 0:
+            self._events.seek(-1, os.SEEK_END)
+            if self._events.read(1) != b"\n":
+                # A coordinator killed mid-write left half a line: end it, so the next event
+                # is a line of its own (readers skip the damaged one).
+                self._events.write(b"\n")
         self._last_beats: Dict[str, float] = {}
+        self._logged: set = set()
+        self._unknown_since: Dict[str, float] = {}
         self._started = time.time()
 
     # ------------------------------------------------------------------ bookkeeping
 
     def event(self, name: str, **fields) -> None:
         rec = {"time": round(time.time(), 3), "event": name, **fields}
-        self._events.write(json.dumps(rec, sort_keys=True) + "\n")
+        self._events.write((json.dumps(rec, sort_keys=True, default=str) + "\n").encode())
         self._events.flush()
         os.fsync(self._events.fileno())
         detail = " ".join(f"{k}={v}" for k, v in fields.items())
@@ -78,6 +132,57 @@ class Coordinator:
 
     def save_state(self) -> None:
         atomic_write_json(self.rd.path("coordinator", "state.json"), self.state)
+
+    # ------------------------------------------------------------------ the lock
+
+    def acquire_lock(self) -> None:
+        """Become the run's only coordinator, or raise AlreadyRunning. A stale lock (its
+        holder dead, or silent for LOCK_FRESH_S) is taken over."""
+        path = _lock_path(self.root)
+        self._lock_token = uuid.uuid4().hex
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "token": self._lock_token,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time()}
+        for _ in range(3):
+            held = live_coordinator(self.root)
+            if held is not None:
+                raise AlreadyRunning(describe_lock(held))
+            if path.exists():  # stale: set it aside (one taker wins the rename)
+                try:
+                    os.replace(path, path.with_name(f"lock.stale-{uuid.uuid4().hex[:8]}.json"))
+                except FileNotFoundError:
+                    pass
+                for old in path.parent.glob("lock.stale-*.json"):
+                    old.unlink(missing_ok=True)
+            tmp = path.with_name(f".lock-{self._lock_token}.tmp")
+            tmp.write_text(json.dumps({**mine, "heartbeat": time.time()}))
+            try:
+                os.link(tmp, path)  # create-if-absent, atomically
+            except FileExistsError:
+                continue  # another coordinator got there first: look again
+            finally:
+                tmp.unlink(missing_ok=True)
+            break
+        else:
+            raise AlreadyRunning(describe_lock(read_json(path) or {}))
+        self._lock_stop = threading.Event()
+
+        def beat() -> None:
+            while not self._lock_stop.wait(LOCK_BEAT_S):
+                current = read_json(path) or {}
+                if current.get("token") != self._lock_token:
+                    log.error("[coordinator] lost the run lock to %s", describe_lock(current))
+                    return
+                atomic_write_json(path, {**current, "heartbeat": time.time()})
+
+        threading.Thread(target=beat, name="coordinator-lock", daemon=True).start()
+
+    def release_lock(self) -> None:
+        if getattr(self, "_lock_stop", None) is None:
+            return
+        self._lock_stop.set()
+        path = _lock_path(self.root)
+        if (read_json(path) or {}).get("token") == self._lock_token:
+            path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ data and prompts
 
@@ -226,13 +331,28 @@ class Coordinator:
 
     # ------------------------------------------------------------------ jobs
 
-    def _attach_saved_jobs(self) -> None:
+    def _attach_saved_jobs(self) -> Dict[str, List[int]]:
+        """Re-attach the jobs an earlier coordinator process submitted (state.json): a job still
+        alive keeps working and is watched again, never submitted twice. Returns, per role, the
+        tasks whose job died while no coordinator watched (their claims are released now)."""
+        dead: Dict[str, List[int]] = {}
         for role, tasks in self.state.get("jobs", {}).items():
             for task, info in tasks.items():
                 job = J.reattach(self.kind, self.root, role, info["job_id"])
-                if J.job_state(self.kind, job) in J.LIVE_STATES:
+                state = J.job_state(self.kind, job)
+                # UNKNOWN: Slurm has no accounting record yet (just submitted): watch it.
+                if state in J.LIVE_STATES or state == "UNKNOWN":
                     self.jobs[role][int(task)] = job
-                    self.event("job_reattached", role=role, task=int(task), job_id=info["job_id"])
+                    self.event("job_reattached", role=role, task=int(task), job_id=info["job_id"],
+                               state=state)
+                elif state != "COMPLETED":
+                    broken = self._break_claims(str(job.job_id))
+                    self._mark_workers_lost(role, str(job.job_id), state)
+                    self.event("job_failed", role=role, task=int(task), job_id=info["job_id"],
+                               state=state, claims_released=broken, while_coordinator_down=True,
+                               log=str(job.paths.stderr), last_lines=J.stderr_tail(job))
+                    dead.setdefault(role, []).append(int(task))
+        return dead
 
     def submit(self, role: str, tasks: List[int], retry: bool) -> None:
         if role == "training":
@@ -249,11 +369,38 @@ class Coordinator:
         self.event("jobs_resubmitted" if retry else "jobs_submitted", role=role, tasks=tasks,
                    job_ids=[str(new[t].job_id) for t in tasks])
 
-    def ensure_jobs(self) -> None:
+    def ensure_jobs(self, dead: Optional[Dict[str, List[int]]] = None) -> None:
+        """Submit every role task that has no job; `dead` tasks count as retries."""
+        dead = dead or {}
         for role in ROLES:
             missing = [t for t in range(self.plan.roles[role].num_tasks) if t not in self.jobs[role]]
-            if missing:
-                self.submit(role, missing, retry=False)
+            retried = [t for t in missing if t in dead.get(role, [])]
+            fresh = [t for t in missing if t not in retried]
+            if retried:
+                self._count_retry(role, f"{len(retried)} task(s) died while no coordinator ran")
+                self.submit(role, retried, retry=True)
+            if fresh:
+                self.submit(role, fresh, retry=False)
+
+    def _count_retry(self, role: str, last: str) -> None:
+        self.state["retries"][role] = self.state["retries"].get(role, 0) + 1
+        if self.state["retries"][role] > self.cfg.launch.max_retries:
+            raise RunFailed(
+                f"the {role} role failed more than launch.max_retries="
+                f"{self.cfg.launch.max_retries} times; last: {last}\n"
+                f"Fix the cause, then resume with: python -m launch.run "
+                f"conf={self.root / 'config.yaml'} launch.run_dir={self.root} "
+                f"(or raise launch.max_retries)")
+
+    def _mark_workers_lost(self, role: str, job_id: str, state: str) -> None:
+        """The worker records of a dead job say so (inspect shows it; placement and liveness
+        checks skip it), unless the worker recorded its own end."""
+        wdir = self.rd.path("workers", role)
+        for p in wdir.glob("*.json") if wdir.is_dir() else []:
+            info = read_json(p)
+            if info and str(info.get("job_id")) == job_id and info.get("status") not in ("exited", "failed", "done"):
+                info.update(status="lost", detail=f"job {job_id} ended {state}")
+                atomic_write_json(p, info)
 
     def _break_claims(self, job_id: str) -> int:
         """Release the claims a dead job held, so its shards are redone now, not after the lease."""
@@ -264,10 +411,20 @@ class Coordinator:
         return n
 
     def watch_jobs(self) -> None:
+        now = time.monotonic()
         for role in ROLES:
             for task, job in list(self.jobs[role].items()):
                 state = J.job_state(self.kind, job)
-                if state in J.LIVE_STATES or state == "UNKNOWN":
+                if state == "UNKNOWN":
+                    # Slurm accounting has not seen the job yet (normal for seconds after
+                    # sbatch); one it never sees (a stale id in state.json) is gone.
+                    first = self._unknown_since.setdefault(str(job.job_id), now)
+                    if now - first < UNKNOWN_GRACE_S:
+                        continue
+                    state = "VANISHED"
+                else:
+                    self._unknown_since.pop(str(job.job_id), None)
+                if state in J.LIVE_STATES:
                     continue
                 if state == "COMPLETED" and (self.state.get("phase") == "finishing" or
                                              self.trained_step() >= self.state["total_steps"]):
@@ -275,27 +432,26 @@ class Coordinator:
                     continue
                 del self.jobs[role][task]
                 broken = self._break_claims(str(job.job_id))
+                self._mark_workers_lost(role, str(job.job_id), state)
                 tail = J.stderr_tail(job)
                 self.event("job_failed", role=role, task=task, job_id=str(job.job_id), state=state,
                            claims_released=broken, log=str(job.paths.stderr), last_lines=tail)
-                self.state["retries"][role] = self.state["retries"].get(role, 0) + 1
-                if self.state["retries"][role] > self.cfg.launch.max_retries:
-                    raise RunFailed(
-                        f"the {role} role failed more than launch.max_retries="
-                        f"{self.cfg.launch.max_retries} times; last: job {job.job_id} task {task} "
-                        f"ended {state}. Log: {job.paths.stderr}\n--- last lines ---\n{tail}\n"
-                        f"Fix the cause, then resume with: python -m launch.run "
-                        f"conf={self.root / 'config.yaml'} launch.run_dir={self.root} "
-                        f"(or raise launch.max_retries)")
+                self._count_retry(role, f"job {job.job_id} task {task} ended {state}. Log: "
+                                        f"{job.paths.stderr}\n--- last lines ---\n{tail}")
                 self.submit(role, [task], retry=True)
 
     def check_workers(self) -> None:
-        """Placement (no node shared by isolated roles) and liveness (hung workers)."""
+        """Placement (no node shared by isolated roles) and liveness (hung workers), from the
+        records of the workers of the jobs this coordinator watches (a dead job's stale record
+        never counts, nor does a one-shot launch.resubmit job's)."""
+        tracked = {role: {str(j.job_id): j for j in self.jobs[role].values()} for role in ROLES}
         records = {}
         for role in ROLES:
-            for p in self.rd.path("workers", role).glob("*.json") if self.rd.path("workers", role).is_dir() else []:
+            wdir = self.rd.path("workers", role)
+            for p in wdir.glob("*.json") if wdir.is_dir() else []:
                 info = read_json(p)
-                if info and info.get("status") not in ("exited", "failed"):
+                if info and info.get("status") not in ("exited", "failed", "done", "lost") \
+                        and str(info.get("job_id")) in tracked[role]:
                     records.setdefault(role, []).append(info)
         if self.plan.isolated:
             nodes = {r: {i["node"] for i in recs} for r, recs in records.items()}
@@ -314,25 +470,36 @@ class Coordinator:
         for role, recs in records.items():
             for info in recs:
                 hb = info.get("heartbeat", 0)
-                job_id = str(info.get("job_id"))
-                if now - hb > 2 * lease:
-                    for task, job in list(self.jobs[role].items()):
-                        if str(job.job_id) == job_id:
-                            self.event("worker_hung", role=role, job_id=job_id,
-                                       heartbeat_age_s=round(now - hb, 1))
-                            J.cancel(self.kind, job)
+                # Loading a large model or starting an engine may go long without a heartbeat.
+                limit = max(2 * lease, LOADING_GRACE_S) if info.get("status") in ("starting", "loading") \
+                    else 2 * lease
+                job = tracked[role].get(str(info.get("job_id")))
+                if now - hb > limit and job is not None:
+                    self.event("worker_hung", role=role, job_id=str(job.job_id), status=info.get("status"),
+                               heartbeat_age_s=round(now - hb, 1))
+                    J.cancel(self.kind, job)  # watch_jobs then sees it end and resubmits
 
     # ------------------------------------------------------------------ metrics
+
+    def logged_steps(self) -> set:
+        """Steps that already have their row in metrics.jsonl (a restarted coordinator that
+        died between writing a row and saving state.json must not write it twice)."""
+        from launch.metrics import read_metrics
+
+        return {r.get("step") for r in read_metrics(self.rd) if "train/loss" in r}
 
     def log_step(self, step: int) -> None:
         from launch.metrics import step_metrics
 
+        if step in self._logged:
+            return
         row = step_metrics(self.rd, step, self.cfg)
         path = self.rd.path("metrics.jsonl")
         with open(path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._logged.add(step)
         self.state["logged_step"] = step
         parts = [f"loss={row.get('train/loss', float('nan')):.4f}",
                  f"gen_tokens/sample={row.get('train/mean_gen_tokens_per_sample', 0):.1f}",
@@ -347,6 +514,19 @@ class Coordinator:
         if stop.exists() and self.state.get("phase") == "finished":
             print(f"run {self.root} is already finished")
             return 0
+        try:
+            self.acquire_lock()
+        except AlreadyRunning as e:
+            print(f"sluice: a coordinator is already running {self.root} ({e}); not starting a "
+                  "second one. Watch it with python -m launch.inspect; to restart it, stop it first.",
+                  file=sys.stderr)
+            return 2
+        try:
+            return self._run(stop)
+        finally:
+            self.release_lock()
+
+    def _run(self, stop: Path) -> int:
         stop.unlink(missing_ok=True)
         labels = ", ".join(f"{ROLE_LABELS[r]}={p.num_nodes}x{p.gpus_per_node}GPUs"
                            for r, p in self.plan.roles.items())
@@ -357,14 +537,14 @@ class Coordinator:
             total = self.total_steps()
             self.state.update(total_steps=total, phase="running")
             self.save_state()
-            self._attach_saved_jobs()
-            self.ensure_jobs()
-            logged = self.state.get("logged_step", 0)
+            self._logged = self.logged_steps()
+            dead = self._attach_saved_jobs()
+            if self.trained_step() < total:
+                self.ensure_jobs(dead)
             while True:
                 trained = self.trained_step()
-                for t in range(logged + 1, trained + 1):
+                for t in range(1, trained + 1):
                     self.log_step(t)
-                logged = max(logged, trained)
                 self.state["trained_step"] = trained
                 if trained >= total:
                     break

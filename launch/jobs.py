@@ -13,6 +13,7 @@ local executor (one process per task) on a laptop or CI box.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import signal
@@ -34,6 +35,24 @@ FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                  "BOOT_FAIL", "DEADLINE", "INTERRUPTED", "VANISHED"}
 LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING",
                "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED"}
+# One sacct call (covering every job submitit watches) at most this often; job_state() in
+# between answers from that call's results. A coordinator polling three roles every
+# queue.poll_s would otherwise run three sacct a poll against slurmdbd.
+SACCT_INTERVAL_S = 2.0
+# Environment of a one-shot task (launch.resubmit --step N): the worker does that step even
+# on a finished run, whose coordinator/STOP would otherwise make it exit at once.
+ONE_SHOT_ENV = "SLUICE_ONE_SHOT_STEP"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """preexec_fn of the stage process: SIGKILL it when the task process dies (Linux), so a
+    killed task (local cancel, a crashed submitit process) never leaves an orphan worker
+    that goes on claiming and committing shards beside its replacement."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _first_host() -> str:
@@ -82,9 +101,11 @@ class RoleTask:
         env["SLUICE_JOB_ID"] = str(jenv.job_id)
         env["SLUICE_TASK_ID"] = str(self.task_index)
         env["SLUICE_ROLE"] = self.role
+        if self.step is not None:
+            env[ONE_SHOT_ENV] = str(self.step)
         cmd = self.command()
         print(f"[sluice {self.role} task {self.task_index}] {' '.join(cmd)}", flush=True)
-        self._child = subprocess.Popen(cmd, env=env)
+        self._child = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
         rc = self._child.wait()
         if rc != 0:
             why = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
@@ -195,7 +216,7 @@ def reattach(kind: str, run_dir: Path, role: str, job_id: str) -> submitit.Job:
     if kind == "local":
         from submitit.local.local import LocalJob
 
-        return LocalJob(folder=folder, job_id=job_id)
+        return LocalJob(folder=folder, job_id=job_id)  # no Popen: judged by its pid (job_state)
     return submitit.SlurmJob(folder=folder, job_id=job_id)
 
 
@@ -211,6 +232,18 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _is_local_controller(job) -> bool:
+    """The pid of a re-attached local job is still its submitit controller (not a recycled pid
+    now held by an unrelated process): its command line runs submitit's local controller on
+    this role's log folder."""
+    try:
+        cmdline = Path(f"/proc/{int(job.job_id)}/cmdline").read_bytes().replace(b"\0", b" ")
+    except (OSError, ValueError):
+        return False
+    role_logs = str(Path(job.paths.folder).parent).encode()
+    return b"submitit.local._local" in cmdline and role_logs in cmdline
+
+
 def _local_result(job) -> Optional[str]:
     path = job.paths.result_pickle
     if not path.exists():
@@ -223,8 +256,12 @@ def _local_result(job) -> Optional[str]:
     return "COMPLETED" if outcome == "success" else "FAILED"
 
 
+_last_sacct = [float("-inf")]
+
+
 def job_state(kind: str, job) -> str:
-    """Normalised state: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, VANISHED..."""
+    """Normalised state: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, VANISHED,
+    or UNKNOWN (Slurm has no record of it yet)."""
     if kind == "local":
         proc = getattr(job, "_process", None)
         if proc is not None:
@@ -232,27 +269,75 @@ def job_state(kind: str, job) -> str:
             if rc is None:
                 return "RUNNING"
             return _local_result(job) or ("COMPLETED" if rc == 0 else "FAILED")
-        if _pid_alive(int(job.job_id)):
+        if _pid_alive(int(job.job_id)) and _is_local_controller(job):
             return "RUNNING"
         return _local_result(job) or "VANISHED"
+    now = time.monotonic()
+    mode = "cache"
+    if now - _last_sacct[0] >= SACCT_INTERVAL_S:
+        mode, _last_sacct[0] = "force", now
     try:
-        state = job.watcher.get_state(job.job_id, mode="force")
+        state = job.watcher.get_state(job.job_id, mode=mode)
     except Exception:
         return "UNKNOWN"
     word = (state or "UNKNOWN").split()[0].upper()
     return word
 
 
-def cancel(kind: str, job) -> None:
-    if kind == "local":
-        proc = getattr(job, "_process", None)
-        pid = int(job.job_id)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-        elif _pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
+def _children(pid: int) -> List[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def _process_tree(pid: int) -> List[int]:
+    """pid and its descendants, parents first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo.extend(_children(p))
+    return out
+
+
+def _signal_all(pids: List[int], sig: int) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def cancel(kind: str, job, grace_s: float = 10.0) -> None:
+    """Stop a job. Slurm: scancel (SIGTERM to every process of the job, SIGKILL after KillWait).
+    Local: the same by hand over the job's process tree (controller, submitit task, worker):
+    submitit's local controller forwards SIGTERM to the task, which ignores it, so signalling
+    the controller alone would stop nothing."""
+    if kind != "local":
+        subprocess.run(["scancel", str(job.job_id)], capture_output=True)
         return
-    subprocess.run(["scancel", str(job.job_id)], capture_output=True)
+    pid = int(job.job_id)
+    proc = getattr(job, "_process", None)
+    if proc is not None:
+        if proc.poll() is not None:
+            return
+    elif not (_pid_alive(pid) and _is_local_controller(job)):
+        return
+    tree = _process_tree(pid)
+    _signal_all(tree[::-1], signal.SIGTERM)  # the worker first: it releases its claims
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_pid_alive(p) for p in tree):
+        if proc is not None:
+            proc.poll()  # reap the controller if it is our child
+        time.sleep(0.1)
+    _signal_all([p for p in tree if _pid_alive(p)], signal.SIGKILL)
+    if proc is not None:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def stderr_tail(job, lines: int = 15) -> str:
@@ -267,10 +352,12 @@ def stderr_tail(job, lines: int = 15) -> str:
 
 
 def wait_all(kind: str, jobs, timeout_s: float) -> None:
+    """Wait for jobs to end by themselves (workers exit on STOP); cancel what is left."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if all(job_state(kind, j) not in LIVE_STATES for j in jobs):
             return
         time.sleep(0.5)
     for j in jobs:
-        cancel(kind, j)
+        if job_state(kind, j) in LIVE_STATES:
+            cancel(kind, j)

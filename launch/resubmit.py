@@ -5,6 +5,11 @@
     python -m launch.resubmit RUN_DIR --stage generation --step 3          # rollouts (and their scores)
     python -m launch.resubmit RUN_DIR --stage training --step 3            # retrain from step 3
     python -m launch.resubmit RUN_DIR --stage teacher                      # only restart the workers
+    python -m launch.resubmit RUN_DIR --stage teacher --step 3 --wait      # and wait until it is redone
+
+With --wait (and --step) the command returns once the step's shards are committed again, and
+fails (exit 1, with the job's log) if the one-shot job it submitted ends before that, if the
+run stops first, or after --timeout seconds.
 
 Invalidated shards are moved to quarantine/ (never deleted) and become pending. If no worker
 of the role is alive (e.g. the run is finished), a one-shot job of that role processes the
@@ -18,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from shared.errors import UserError, exit_with
 from shared.partition import Plan
@@ -41,7 +46,17 @@ def live_workers(rd: RunDir, role: str, lease_s: float) -> List[dict]:
     return out
 
 
+class WaitFailed(Exception):
+    """--wait: the redo cannot complete (its job died, the run stopped, or time ran out)."""
+
+
 def resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int]) -> List[str]:
+    """Invalidate and make sure it is redone; returns what was done, one line each."""
+    return _resubmit(run_dir, stage, step, shard)[0]
+
+
+def _resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int]) -> Tuple[List[str], object]:
+    """As resubmit; also returns the one-shot job submitted (None: none was needed)."""
     rd = RunDir(run_dir)
     run = read_json(rd.path("run.json"))
     if run is None:
@@ -78,7 +93,7 @@ def resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int]
         if rd.path("coordinator", "STOP").exists():
             said.append(f"the run is not running: resume it with python -m launch.run "
                         f"conf={run.get('recipe')} launch.run_dir={rd.root}")
-        return said
+        return said, None
 
     if step is not None:
         for out_stage in OUTPUT[stage]:
@@ -92,14 +107,51 @@ def resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int]
                     said.append(f"invalidated step {step} {out_stage} shard {k} (moved to quarantine/)")
     if live_workers(rd, stage, cfg.queue.lease_s):
         said.append(f"a live {stage} worker will redo it")
-        return said
+        return said, None
     from launch import jobs as J
 
     plan = Plan.from_dict(run["plan"])
     jobs = J.submit_tasks(run["executor"], rd.root, cfg, plan, stage, [0], step=step)
     said.append(f"no live {stage} worker: submitted job {jobs[0].job_id}"
                 + (f" to redo step {step}" if step is not None else ""))
-    return said
+    return said, jobs[0]
+
+
+def wait_for(run_dir: str, stage: str, step: int, job, timeout_s: Optional[float],
+             poll_s: float = 0.5) -> str:
+    """Block until `step`'s output stages of `stage` are complete; returns a line to print.
+
+    Raises WaitFailed if the one-shot `job` ends first (with its log's last lines), if the run
+    stops while live workers were to do it, or after `timeout_s`."""
+    from launch import jobs as J
+
+    rd = RunDir(run_dir)
+    kind = (read_json(rd.path("run.json")) or {}).get("executor", "local")
+    stages = OUTPUT.get(stage, [])
+    started = time.monotonic()
+    had_stop = rd.path("coordinator", "STOP").exists()
+
+    def complete() -> bool:
+        return all(StageQueue(rd, step, s).is_complete() for s in stages)
+
+    while not complete():
+        if job is not None:
+            state = J.job_state(kind, job)
+            if state not in J.LIVE_STATES and state != "UNKNOWN" and not complete():
+                raise WaitFailed(
+                    f"the one-shot {stage} job {job.job_id} ended {state} before step {step}'s "
+                    f"{'/'.join(stages)} shards were committed. Log: {job.paths.stderr}\n"
+                    f"--- last lines ---\n{J.stderr_tail(job)}")
+        elif not had_stop and rd.path("coordinator", "STOP").exists() and not complete():
+            stop = read_json(rd.path("coordinator", "STOP"), {}) or {}
+            raise WaitFailed(f"the run stopped ({stop.get('reason', '?')}) before step {step}'s "
+                             f"{'/'.join(stages)} shards were redone. Resume it with python -m "
+                             f"launch.run conf=... launch.run_dir={rd.root}")
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            raise WaitFailed(f"step {step}'s {'/'.join(stages)} shards not redone after "
+                             f"{timeout_s:.0f}s (--timeout). Look with python -m launch.inspect {rd.root}")
+        time.sleep(poll_s)
+    return f"step {step} {'/'.join(stages)} complete"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -108,21 +160,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--stage", required=True, choices=["generation", "teacher", "training"])
     p.add_argument("--step", type=int)
     p.add_argument("--shard", type=int)
-    p.add_argument("--wait", action="store_true", help="wait for a submitted one-shot job to finish")
+    p.add_argument("--wait", action="store_true",
+                   help="with --step: wait until the step is redone (exit 1 if its job dies first)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="with --wait: give up after this many seconds (default: as long as the job lives)")
     args = p.parse_args(argv)
     try:
         step = None if args.step is None else check_step(args.step)
         shard = None if args.shard is None else check_shard_index(args.shard)
         if shard is not None and step is None:
             raise UserError("--shard needs --step. Fix: add --step N.")
-        for line in resubmit(args.run_dir, args.stage, step, shard):
-            print(line)
-        if args.wait and step is not None:
-            rd = RunDir(args.run_dir)
-            stages = OUTPUT.get(args.stage, [])
-            while not all(StageQueue(rd, step, s).is_complete() for s in stages):
-                time.sleep(0.5)
-            print(f"step {step} {'/'.join(stages)} complete")
+        if args.wait and (step is None or args.stage == "training"):
+            raise UserError("--wait needs --step N and --stage generation or teacher (training "
+                            "is redone by the run's coordinator).")
+        said, job = _resubmit(args.run_dir, args.stage, step, shard)
+        for line in said:
+            print(line, flush=True)
+        if args.wait:
+            try:
+                print(wait_for(args.run_dir, args.stage, step, job, args.timeout))
+            except WaitFailed as e:
+                print(f"launch.resubmit: {e}", file=sys.stderr)
+                return 1
         return 0
     except ValueError as e:
         exit_with(UserError(f"{e}. Fix: steps and shards are non-negative integers."), "launch.resubmit")

@@ -93,19 +93,27 @@ def create_run_dir(run_dir: Path, recipe: str, node, plan, executor: str) -> Non
 
 
 def ensure_models(cfg) -> None:
-    """The built-in tiny models are built once on the launching machine (seconds, cached)."""
-    from shared.models import TINY_PREFIX, tiny_models_dir
+    """The built-in tiny models are built once on the launching machine (cached), so the
+    workers, on the same shared filesystem, find them ready."""
+    from shared.models import TINY_PREFIX, ensure_model
 
-    if any(n.startswith(TINY_PREFIX) for n in (cfg.policy.model_name, cfg.teacher.model_name)):
-        from shared.tiny import build_tiny_models
-
-        build_tiny_models(tiny_models_dir())
+    for key, name in (("policy.model_name", cfg.policy.model_name),
+                      ("teacher.model_name", cfg.teacher.model_name)):
+        if name.startswith(TINY_PREFIX):
+            ensure_model(name, key)
 
 
 def start(conf: str, cfg, node, plan) -> int:
     run_dir = Path(cfg.launch.run_dir).expanduser().resolve() if cfg.launch.run_dir \
         else default_run_dir(cfg.launch.name or Path(conf).stem).resolve()
     if (run_dir / "run.json").exists():
+        from launch.coordinator import describe_lock, live_coordinator
+
+        held = live_coordinator(run_dir)
+        if held is not None:
+            raise UserError(f"a coordinator is already running {run_dir} ({describe_lock(held)}). "
+                            f"Fix: watch it with python -m launch.inspect {run_dir}; to restart it, "
+                            "stop that process (or scancel its job) first.")
         run = read_json(run_dir / "run.json")
         executor = run["executor"]
         print(f"Resuming {run_dir} (config frozen at its first launch)")
