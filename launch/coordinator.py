@@ -119,6 +119,10 @@ class Coordinator:
         self._logged: set = set()
         self._unknown_since: Dict[str, float] = {}
         self._started = time.time()
+        from launch.validation import Validation
+
+        self.validation = Validation(self.rd, self.cfg)
+        self.logger = None  # launch.logger.MetricsLogger, started in run()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -324,6 +328,7 @@ class Coordinator:
                         q.quarantine(k, f"redo: training resumed from checkpoint {ckpt}")
         if redone:
             self.event("steps_redone", from_checkpoint=ckpt, steps=redone)
+        self.validation.invalidate_after(ckpt)
 
     def total_steps(self) -> int:
         d = self.cfg.distillation
@@ -408,7 +413,7 @@ class Coordinator:
         for t in active_steps(self.rd, "prompts"):
             for stage in ("rollouts", "scored"):
                 n += len(StageQueue(self.rd, t, stage).break_claims(job_id))
-        return n
+        return n + self.validation.break_claims(job_id)
 
     def watch_jobs(self) -> None:
         now = time.monotonic()
@@ -500,6 +505,8 @@ class Coordinator:
             f.flush()
             os.fsync(f.fileno())
         self._logged.add(step)
+        if self.logger is not None:
+            self.logger.log(row, step=step)
         self.state["logged_step"] = step
         parts = [f"loss={row.get('train/loss', float('nan')):.4f}",
                  f"gen_tokens/sample={row.get('train/mean_gen_tokens_per_sample', 0):.1f}",
@@ -534,19 +541,29 @@ class Coordinator:
         self.event("coordinator_started", pid=os.getpid(), executor=self.kind, plan=labels)
         try:
             self.prepare_data()
+            self.validation.prepare()
+            from launch.logger import MetricsLogger
+
+            try:
+                self.logger = MetricsLogger(self.rd, self.cfg)
+            except ValueError as e:  # wandb could not start: before any job is submitted
+                raise RunFailed(str(e)) from e
             total = self.total_steps()
             self.state.update(total_steps=total, phase="running")
             self.save_state()
             self._logged = self.logged_steps()
             dead = self._attach_saved_jobs()
-            if self.trained_step() < total:
+            if self.trained_step() < total or not self.validation.done(total):
                 self.ensure_jobs(dead)
             while True:
                 trained = self.trained_step()
                 for t in range(1, trained + 1):
                     self.log_step(t)
                 self.state["trained_step"] = trained
-                if trained >= total:
+                for row in self.validation.poll(trained, total):
+                    self.logger.log(row, step=row["step"])
+                    self.event("validated", **row)
+                if trained >= total and self.validation.done(total):
                     break
                 ahead = 1 + self.cfg.distillation.max_staleness
                 for t in range(trained + 1, min(total, trained + 1 + ahead) + 1):
@@ -564,6 +581,9 @@ class Coordinator:
             self.stop_all()
             print(f"sluice: run failed: {e}", file=sys.stderr)
             return 1
+        finally:
+            if self.logger is not None:
+                self.logger.close()
 
     def stop_all(self, timeout_s: float = 120) -> None:
         live = [j for tasks in self.jobs.values() for j in tasks.values()]
