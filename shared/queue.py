@@ -18,7 +18,8 @@ On-disk layout of one stage directory, ``RUN_DIR/steps/<step:06d>/<stage>/``:
                                   {"format": "sluice.shard-record/1", "index": 3, "rows": 16,
                                    "bytes": 123456, "checksum": "xxh3_128:<hex of file bytes>",
                                    "schema_version": 1, "compression": null, "commit_id": "<uuid>",
-                                   "committed_at": <unix s>, "committed_by": {owner}, "extra": {}}
+                                   "committed_at": <unix s>, "committed_by": {owner},
+                                   "claimed_at": <unix s or null>, "extra": {}}
     shard-00003.arrow.claim       a live claim: {"format": "sluice.claim/1", "claim_id", "index",
                                    "job_id", "task_id", "host", "pid", "claimed_at", "heartbeat"}
     EXPECTED.json                 {"format": "sluice.expected/1", "expected": 8}, set once
@@ -821,6 +822,9 @@ class StageQueue:
             "commit_id": uuid.uuid4().hex,
             "committed_at": time.time(),
             "committed_by": asdict(claim.owner if claim is not None else owner or Owner.from_env()),
+            # When the work started: hand-off latency between stages is claimed_at minus the
+            # input's committed_at.
+            "claimed_at": claim._info["claimed_at"] if claim is not None else None,
             "extra": extra,
         }
         # One directory fsync for both renames. If a crash persisted the record's rename but

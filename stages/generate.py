@@ -69,7 +69,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import pyarrow as pa
 
 from shared.config import SluiceConfig
-from shared.models import TINY_PREFIX, find_model, tiny_models_dir
+from shared.models import ensure_model
 from shared.queue import ClaimLostError, CorruptShardError, RunDir, StageQueue
 from shared.schemas import build_table
 from shared.worker import (COMMITTED, Worker, active_steps, is_committed_dir, latest_weights,
@@ -93,19 +93,7 @@ def validation_run_dir(rd: RunDir) -> RunDir:
 
 
 def resolve_model(name: str) -> Path:
-    """The local directory of model `name`, building the tiny models on first use."""
-    if name.startswith(TINY_PREFIX):
-        from shared.tiny import build_tiny_models
-
-        build_tiny_models(tiny_models_dir())
-    path = find_model(name)
-    if path is None or not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model {name!r} is not on local disk (compute nodes never download); fetch it on a "
-            f"node with internet (`huggingface-cli download {name}`) into the HF cache this job "
-            "sees (HF_HOME), or set policy.model_name to a local directory"
-        )
-    return path
+    return ensure_model(name, "policy.model_name")
 
 
 def sample_seed(run_seed: int, sample_id: str) -> int:
@@ -487,7 +475,9 @@ def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
     try:
         base_path = resolve_model(cfg.policy.model_name)
         worker.beat("starting", f"vLLM engine on {base_path}", force=True)
-        with Generator(cfg, base_path) as gen:
+        with _beating(worker, "starting", f"vLLM engine on {base_path}"):
+            gen = Generator(cfg, base_path)  # tens of seconds on a large model: keep beating
+        with gen:
             loop = _GenerationWorker(rd, worker, gen, base_path)
             while not worker.should_stop():
                 steps = [step] if step is not None else active_steps(rd, "rollouts")
