@@ -197,7 +197,7 @@ class Coordinator:
             return
         from transformers import AutoTokenizer
 
-        from shared.data import PromptBuilder, load_rows, split_validation
+        from shared.data import PromptBuilder, load_rows, save_prompt_rows, split_validation
         from shared.models import find_model
 
         cfg = self.cfg
@@ -220,19 +220,7 @@ class Coordinator:
                 f"only {len(kept)} usable training prompts (skipped: {skipped}) but "
                 f"distillation.num_prompts_per_step={cfg.distillation.num_prompts_per_step}; "
                 "use a larger dataset or fewer prompts per step")
-        table = pa.table({
-            "problem": [r["problem"] for r in kept],
-            "answer": pa.array([r["answer"] for r in kept], pa.string()),
-            "trace": pa.array([r["trace"] for r in kept], pa.string()),
-            "index": pa.array([r["index"] for r in kept], pa.int64()),
-            "dataset": [r["dataset"] for r in kept],
-            "prompt_ids": pa.array([r["prompt_ids"] for r in kept], pa.list_(pa.int32())),
-        })
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-            w.write_table(table)
-        os.replace(tmp, path)
+        save_prompt_rows(path, kept)
         if held_out:
             atomic_write_json(self.rd.path("data", "heldout.json"), held_out)
         atomic_write_json(self.rd.path("data", "summary.json"),

@@ -22,22 +22,13 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from launch.metrics import read_metrics
 from shared.queue import RunDir
 
 TITLES = ("train loss", "validation accuracy", "time per stage")
 STAGE_TIMINGS = (("timing/generation", "generation"), ("timing/teacher", "teacher"),
                  ("timing/training_train_s", "training"))
 
-
-def read_rows(path: Path) -> List[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill mid-write
-    return rows
 
 
 def series(rows: Sequence[dict], key: str) -> Tuple[List[int], List[float]]:
@@ -56,7 +47,7 @@ def plot_run(run_dir, out_png, rows: Optional[Sequence[dict]] = None):
     from matplotlib.figure import Figure
 
     root = run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
-    rows = read_rows(root / "metrics.jsonl") if rows is None else rows
+    rows = read_metrics(RunDir(root)) if rows is None else rows
     fig = Figure(figsize=(15, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax_loss, ax_val, ax_time = fig.subplots(1, 3)

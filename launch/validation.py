@@ -161,7 +161,7 @@ class Validation:
 
             tokenizer = AutoTokenizer.from_pretrained(
                 str(find_model(cfg.policy.tokenizer.name or cfg.policy.model_name)))
-        from shared.data import PromptBuilder
+        from shared.data import PromptBuilder, save_prompt_rows
 
         builder = PromptBuilder(cfg, tokenizer, ds)
         limit = min(cfg.data.max_input_seq_length, cfg.policy.max_total_sequence_length - 1,
@@ -179,18 +179,7 @@ class Validation:
                 skipped["prompt_too_long"] += 1
                 continue
             kept.append({**r, "prompt_ids": ids})
-        table = pa.table({
-            "problem": pa.array([r["problem"] for r in kept], pa.string()),
-            "answer": pa.array([r["answer"] for r in kept], pa.string()),
-            "index": pa.array([r["index"] for r in kept], pa.int64()),
-            "dataset": pa.array([r["dataset"] for r in kept], pa.string()),
-            "prompt_ids": pa.array([r["prompt_ids"] for r in kept], pa.list_(pa.int32())),
-        })
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-            w.write_table(table)
-        os.replace(tmp, path)
+        save_prompt_rows(path, kept)
         atomic_write_json(self.vrd.path("summary.json"),
                           {"rows": len(kept), "source": label, "skipped": skipped})
         if not kept:

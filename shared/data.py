@@ -158,6 +158,29 @@ def split_validation(rows: List[Dict[str, Any]], ds: DatasetConfig):
             [r for i, r in enumerate(rows) if i in held])
 
 
+def save_prompt_rows(path: Path, rows: List[Dict[str, Any]]) -> None:
+    """Tokenized prompt rows (problem, answer, trace, index, dataset, prompt_ids) as an Arrow
+    file, written atomically: the run's fixed training or validation prompts."""
+    import os
+
+    import pyarrow as pa
+
+    table = pa.table({
+        "problem": pa.array([r["problem"] for r in rows], pa.string()),
+        "answer": pa.array([r["answer"] for r in rows], pa.string()),
+        "trace": pa.array([r.get("trace") for r in rows], pa.string()),
+        "index": pa.array([r["index"] for r in rows], pa.int64()),
+        "dataset": pa.array([r["dataset"] for r in rows], pa.string()),
+        "prompt_ids": pa.array([r["prompt_ids"] for r in rows], pa.list_(pa.int32())),
+    })
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    os.replace(tmp, path)
+
+
 def read_text_file(path: Optional[str]) -> Optional[str]:
     """A prompt or system-prompt file's text; one trailing newline (editors add it) dropped."""
     if path is None:

@@ -36,8 +36,10 @@ def test_scheduled_versions():
     cfg, _ = load("smoke", ["distillation.val_period=2", "distillation.val_at_start=true",
                             "distillation.val_at_end=true"])
     assert scheduled_versions(cfg, 5) == [0, 2, 4, 5]
-    cfg, _ = load("smoke", ["distillation.val_period=0"])
+    cfg, _ = load("smoke", ["distillation.val_period=0", "distillation.val_at_end=false"])
     assert scheduled_versions(cfg, 5) == []
+    cfg, _ = load("smoke", ["distillation.val_period=0"])  # the smoke validates at the end
+    assert scheduled_versions(cfg, 5) == [5]
 
 
 def test_collect_scores_known_answers(tmp_path, tiny_models):
