@@ -42,12 +42,15 @@ LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def synthetic_arithmetic(split: str = "train", n: Optional[int] = None) -> List[Dict[str, Any]]:
-    """Small arithmetic problems with exact integer answers; deterministic per split."""
+    """Single-digit arithmetic problems with exact integer answers; deterministic per split.
+
+    Single digits: the tiny models of the smoke runs and the learning check (shared/thinker.py)
+    learn these in CPU minutes; two-digit products they do not."""
     n = n or (512 if split == "train" else 64)
     rng = random.Random({"train": 0, "validation": 1}.get(split, 2))
     rows = []
     for i in range(n):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
         op = rng.choice("+-*")
         ans = {"+": a + b, "-": a - b, "*": a * b}[op]
         rows.append({"problem": f"What is {a} {op} {b}?", "answer": str(ans),
