@@ -83,6 +83,13 @@ def describe_lock(info: dict) -> str:
     return where
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 class RunFailed(Exception):
     """The run cannot go on (a role past its retry budget, a placement violation)."""
 
@@ -119,6 +126,8 @@ class Coordinator:
         self._logged: set = set()
         self._unknown_since: Dict[str, float] = {}
         self._started = time.time()
+        self._step_done_at: Dict[int, float] = {}
+        self._last_progress = ""
         from launch.validation import Validation
 
         self.validation = Validation(self.rd, self.cfg)
@@ -499,7 +508,32 @@ class Coordinator:
         parts = [f"loss={row.get('train/loss', float('nan')):.4f}",
                  f"gen_tokens/sample={row.get('train/mean_gen_tokens_per_sample', 0):.1f}",
                  f"step_time={row.get('timing/step', 0):.1f}s"]
-        log.info("[coordinator] step %d/%d done: %s", step, self.state["total_steps"], " ".join(parts))
+        total = self.state["total_steps"]
+        self._step_done_at[step] = time.time()
+        done = sorted(self._step_done_at)
+        if len(done) >= 2:
+            # Recent pace (steps overlap, so per-step wall times would over-count).
+            recent = done[-min(len(done), 5):]
+            pace = (self._step_done_at[recent[-1]] - self._step_done_at[recent[0]]) / (len(recent) - 1)
+            parts.append(f"eta={_duration(pace * (total - step))}")
+        log.info("[coordinator] step %d/%d done: %s", step, total, " ".join(parts))
+
+    def report_progress(self, trained: int) -> None:
+        """One console line per change of the current step's progress: prompts written,
+        rollouts generated, samples scored, and the steps trained, with the step's age."""
+        step = trained + 1
+        if step > self.state.get("total_steps", 0):
+            return
+        counts = []
+        for stage in ("prompts", "rollouts", "scored"):
+            q = StageQueue(self.rd, step, stage)
+            expected = q.expected()
+            rows = sum(r.get("rows", 0) for r in q.committed().values())
+            counts.append(f"{stage} {len(q.committed())}/{expected or '?'} ({rows} rows)")
+        line = f"step {step}/{self.state['total_steps']}: " + " | ".join(counts)
+        if line != self._last_progress:
+            self._last_progress = line
+            log.info("[coordinator] %s", line)
 
     # ------------------------------------------------------------------ main loop
 
@@ -548,6 +582,7 @@ class Coordinator:
                 for t in range(1, trained + 1):
                     self.log_step(t)
                 self.state["trained_step"] = trained
+                self.report_progress(trained)
                 for row in self.validation.poll(trained, total):
                     self.logger.log(row, step=row["step"])
                     self.event("validated", **row)

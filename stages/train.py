@@ -67,6 +67,7 @@ import argparse
 import datetime
 import logging
 import math
+import json
 import os
 import shutil
 import signal
@@ -640,10 +641,12 @@ class Trainer:
         self.checkpointed_step = self.step
 
     def _prune_checkpoints(self) -> None:
-        keep = self.cfg.checkpointing.keep_top_k
-        if keep is None:
+        ck = self.cfg.checkpointing
+        if ck.keep_top_k is None:
             return
-        for step in committed_checkpoints(self.rd)[:-max(keep, 1)]:
+        steps = committed_checkpoints(self.rd)
+        for step in checkpoints_to_drop(steps, checkpoint_scores(self.rd, ck.metric_name),
+                                        ck.keep_top_k, ck.higher_is_better):
             shutil.rmtree(self.checkpoint_dir(step), ignore_errors=True)
 
     def restore(self, before: Optional[int] = None) -> int:
@@ -681,6 +684,36 @@ class Trainer:
                      result["lr"] or 0.0, result["optimizer_steps"], result["tokens_per_s_per_gpu"],
                      result["timing"]["wait_s"])
         return result
+
+
+def checkpoint_scores(rd: RunDir, metric_name: str) -> dict:
+    """step -> value of checkpointing.metric_name ('val:accuracy' -> validation/accuracy,
+    'train:loss' -> train/loss) from RUN_DIR/metrics.jsonl, where the run has one."""
+    prefix, _, name = metric_name.partition(":")
+    key = {"val": "validation", "train": "train"}.get(prefix, prefix) + "/" + name
+    scores = {}
+    path = rd.path("metrics.jsonl")
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if key in row:
+                scores[int(row["step"])] = float(row[key])
+    return scores
+
+
+def checkpoints_to_drop(steps: list, scores: dict, keep: int, higher_is_better: bool) -> list:
+    """keep_top_k: the newest checkpoint always stays (it is what a resume needs); of the
+    others, those with a score rank by it, unscored ones after them by recency."""
+    if len(steps) <= max(keep, 1):
+        return []
+    newest, rest = steps[-1], steps[:-1]
+    sign = -1.0 if higher_is_better else 1.0
+    ranked = sorted(rest, key=lambda s: (s not in scores, sign * scores.get(s, 0.0), -s))
+    kept = set(ranked[:max(keep, 1) - 1]) | {newest}
+    return [s for s in steps if s not in kept]
 
 
 def committed_checkpoints(rd: RunDir) -> list[int]:

@@ -69,3 +69,17 @@ def test_kill_during_checkpoint_save_then_resume(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_keep_top_k_ranks_by_validation_metric():
+    from stages.train import checkpoints_to_drop
+
+    steps = [2, 4, 6, 8, 10]
+    acc = {2: 0.5, 4: 0.9, 6: 0.1, 8: 0.7}  # step 10 not validated yet
+    # keep 3: the newest (10) plus the two best validated (4, 8)
+    assert checkpoints_to_drop(steps, acc, 3, higher_is_better=True) == [2, 6]
+    # lower is better (e.g. train:loss): 6 and 2 are best
+    assert checkpoints_to_drop(steps, acc, 3, higher_is_better=False) == [4, 8]
+    # no metric at all: by recency
+    assert checkpoints_to_drop(steps, {}, 2, higher_is_better=True) == [2, 4, 6]
+    assert checkpoints_to_drop([1, 2], {}, 3, higher_is_better=True) == []
