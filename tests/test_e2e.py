@@ -229,8 +229,13 @@ def test_local_smoke_completes_every_step(local_run):
                         text.stdout, re.M)
         assert row, f"step {s['step']} row (loss {s['loss']:.4f}) not in:\n{text.stdout}"
     # metrics.jsonl: one row per step, with the step's loss.
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    all_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in all_rows if "train/loss" in r]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    # The smoke validates once at the end (val_at_end): one row, accuracy by math-verify.
+    val = [r for r in all_rows if "validation/accuracy" in r]
+    assert [r["step"] for r in val] == [STEPS] and 0.0 <= val[0]["validation/accuracy"] <= 1.0
+    assert len(all_rows) == len(rows) + len(val)
     for r in rows:
         train = json.loads((run_dir / "steps" / f"{r['step']:06d}" / "train.json").read_text())
         assert r["train/loss"] == pytest.approx(train["loss"]) and math.isfinite(r["train/loss"])
