@@ -52,8 +52,6 @@ Layout under OUT_DIR (default `shared.models.tiny_models_dir()`):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -408,14 +406,6 @@ def _is_complete(out_dir: Path, want: dict) -> bool:
                                                    "tokenizer.json", "generation_config.json"))
 
 
-@contextlib.contextmanager
-def _locked(out_dir: Path):
-    with open(out_dir / ".thinker.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _save(model, tokenizer, out: Path) -> None:
@@ -440,7 +430,7 @@ def build_thinker(out_dir: str | os.PathLike | None = None, minutes: float = DEF
     prompt rendering) is reused whatever `minutes` says; builders of one `out_dir` are
     serialised with a file lock. `train_kwargs` go to `train_thinker` (lr, batch_size, ...)."""
     from shared.models import tiny_models_dir
-    from shared.tiny import build_tokenizer
+    from shared.tiny import build_tokenizer, locked
 
     out_dir = Path(out_dir if out_dir is not None else tiny_models_dir()).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -448,7 +438,7 @@ def build_thinker(out_dir: str | os.PathLike | None = None, minutes: float = DEF
     want = _fingerprint(seed, build_tokenizer(), train_kwargs)
     if _is_complete(out_dir, want):
         return str(path)
-    with _locked(out_dir):
+    with locked(out_dir, ".thinker.lock"):
         if _is_complete(out_dir, want):  # another process built it while we waited
             return str(path)
         (out_dir / MARKER).unlink(missing_ok=True)

@@ -258,9 +258,9 @@ def _fingerprint(seed: int) -> dict:
 
 
 @contextlib.contextmanager
-def _locked(out_dir: Path):
+def locked(out_dir: Path, name: str = ".lock"):
     """Serialise builders of one OUT_DIR (e.g. parallel test processes)."""
-    with open(out_dir / ".lock", "w") as f:
+    with open(out_dir / name, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -281,7 +281,7 @@ def build_tiny_models(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, st
     want = _fingerprint(seed)
     if _is_complete(out_dir, want):
         return paths
-    with _locked(out_dir):
+    with locked(out_dir):
         if _is_complete(out_dir, want):  # another process built it while we waited
             return paths
         (out_dir / MARKER).unlink(missing_ok=True)
