@@ -122,7 +122,6 @@ class Coordinator:
                 # A coordinator killed mid-write left half a line: end it, so the next event
                 # is a line of its own (readers skip the damaged one).
                 self._events.write(b"\n")
-        self._last_beats: Dict[str, float] = {}
         self._logged: set = set()
         self._unknown_since: Dict[str, float] = {}
         self._started = time.time()

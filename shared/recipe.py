@@ -100,14 +100,13 @@ def _check_overrides(overrides: Sequence[str]) -> None:
         if key.startswith("hydra."):
             continue
         # `+key=value` would add a key the schema does not have: refuse it like any unknown key.
-        if key not in keys and not any(key.startswith(k + ".") for k in _dict_keys(keys)):
+        if key not in keys and not any(key.startswith(k + ".") for k in FREE_FORM_KEYS):
             raise _unknown_key_error(key, "command line")
 
 
-def _dict_keys(keys) -> List[str]:
-    # Free-form dict fields accept any sub-key.
-    return ["policy.optimizer.kwargs", "teacher.optimizer.kwargs", "env",
-            "policy.tokenizer.chat_template_kwargs", "teacher.tokenizer.chat_template_kwargs"]
+# Free-form dict fields accept any sub-key.
+FREE_FORM_KEYS = ("policy.optimizer.kwargs", "teacher.optimizer.kwargs", "env",
+                  "policy.tokenizer.chat_template_kwargs", "teacher.tokenizer.chat_template_kwargs")
 
 
 def _key_of(exc: BaseException) -> Optional[str]:
