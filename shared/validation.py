@@ -308,6 +308,7 @@ def validate(cfg: SluiceConfig, check_models: bool = False) -> Plan:
     if cfg.launch.max_retries < 0:
         raise config_error("launch.max_retries", value=cfg.launch.max_retries,
                            problem="must be >= 0", fix="set launch.max_retries>=0")
+    _check_choice("queue.compression", cfg.queue.compression, (None, "zstd"))
     if cfg.queue.heartbeat_s <= 0 or cfg.queue.lease_s <= 2 * cfg.queue.heartbeat_s:
         raise config_error("queue.lease_s", value=cfg.queue.lease_s,
                            problem=f"must exceed twice queue.heartbeat_s ({cfg.queue.heartbeat_s}) "

@@ -359,7 +359,7 @@ class _GenerationWorker:
         q = self.cfg.queue
         if time.monotonic() - self.complete_steps.get(step, -float("inf")) < q.lease_s:
             return "complete", f"step {step} complete"
-        rollouts = StageQueue(self.rd, step, "rollouts", lease_s=q.lease_s)
+        rollouts = StageQueue(self.rd, step, "rollouts", lease_s=q.lease_s, compression=q.compression)
         if rollouts.expected() is None:
             return "idle", f"step {step}: rollouts not declared yet"
         pending = rollouts.pending()
@@ -397,7 +397,7 @@ class _GenerationWorker:
         for v in active_steps(self.vrd, "rollouts"):
             if time.monotonic() - self.complete_validations.get(v, -float("inf")) < q.lease_s:
                 continue
-            rollouts = StageQueue(self.vrd, v, "rollouts", lease_s=q.lease_s)
+            rollouts = StageQueue(self.vrd, v, "rollouts", lease_s=q.lease_s, compression=q.compression)
             pending = rollouts.pending()
             if not pending:
                 self.complete_validations[v] = time.monotonic()

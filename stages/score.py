@@ -535,7 +535,7 @@ class _Leader:
     def _queues(self, step: int) -> tuple[StageQueue, StageQueue]:
         lease = self.cfg.queue.lease_s
         return (StageQueue(self.rd, step, "rollouts", lease_s=lease),
-                StageQueue(self.rd, step, "scored", lease_s=lease))
+                StageQueue(self.rd, step, "scored", lease_s=lease, compression=self.cfg.queue.compression))
 
     def next_claim(self):
         """``(scored_queue, rollouts_queue, claim)`` of a claimable shard, or None."""

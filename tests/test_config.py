@@ -148,6 +148,7 @@ ERROR_CASES = {
     "bad_type": (["conf=smoke", "distillation.max_num_steps=many"], "distillation.max_num_steps"),
     "unknown_recipe": (["conf=qwen3-14b-4", ], "Did you mean: qwen3-14b-4b"),
     "kl_type": (["conf=smoke", "loss_fn.kl_type=jsd"], "use one of: forward, reverse, mixed"),
+    "queue_compression": (["conf=smoke", "queue.compression=gzip"], "queue.compression='gzip': unsupported value"),
     "batch_not_dividing": (["conf=smoke", "policy.train_global_batch_size=5"],
                            "must divide the samples of a step"),
 }

@@ -7,7 +7,6 @@ Worker functions are module-level so spawned processes can import them.
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing as mp
 import os
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import xxhash
 import pytest
 
 from shared import queue, schemas
@@ -112,22 +112,15 @@ def slow_writer(run_dir: str, marker: str) -> None:
     claim = q.claim(0)
     assert claim is not None
     claim.start_heartbeat(0.2)  # fresh while alive; only the SIGKILL makes it stale
-    class HangingFile(io.RawIOBase):
-        """Writes the first chunk, then hangs: 'mid-write' until the test kills us."""
+    real_write = queue._ShardSink.write
 
-        def __init__(self, path):
-            self.f = open(path, "wb")
+    def hanging_write(sink, data):
+        """Writes the first piece, then hangs: 'mid-write' until the test kills us."""
+        real_write(sink, data)
+        Path(marker).touch()
+        time.sleep(3600)
 
-        def writable(self):
-            return True
-
-        def write(self, b):
-            self.f.write(b)
-            self.f.flush()
-            Path(marker).touch()
-            time.sleep(3600)
-
-    queue._open_sink = lambda path: pa.PythonFile(HangingFile(path), mode="w")
+    queue._ShardSink.write = hanging_write
     q.commit(0, table("rollouts", 0, tag="killed"), claim=claim)
 
 
@@ -406,6 +399,37 @@ def test_recommit_replaces_and_zstd_roundtrips(tmp_path):
     assert q.read(0).column("problem")[0].as_py() == "problem 0 v2"
     assert q.manifest()["committed"]["shard-00000.arrow"] == second
     assert q.verify().ok
+
+
+@pytest.mark.parametrize("writeback", ["sync_file_range", "unsupported"])
+def test_multi_piece_commit_is_byte_identical_to_arrow_and_hashed_right(tmp_path, monkeypatch, writeback):
+    """The sink splits Arrow's buffers into 1 MiB writes and hashes them on the way: the file
+    must be exactly what Arrow writes to memory, and the record's checksum that file's hash,
+    with or without sync_file_range (a filesystem refusing it must not fail the commit)."""
+    calls = []
+    if writeback == "unsupported":
+        monkeypatch.setattr(queue, "_SYNC_FILE_RANGE", lambda *a: calls.append(a) or -1)
+    rows = 40_000  # ~3.5 MB of rollouts: several pieces, and a buffer larger than one piece
+    big = schemas.build_table(
+        "rollouts",
+        {
+            **table("rollouts", 0, rows=rows).to_pydict(),
+            "response_ids": [list(range(r % 7, r % 7 + 20)) for r in range(rows)],
+            "gen_logprobs": [[-0.5] * 20 for _ in range(rows)],
+        },
+    )
+    q = StageQueue(tmp_path, 0, "rollouts")
+    record = q.commit(0, big)
+    data = q.shard_path(0).read_bytes()
+    expected = pa.BufferOutputStream()
+    with pa.ipc.new_file(expected, big.schema, options=pa.ipc.IpcWriteOptions(compression=None)) as w:
+        w.write_table(big)
+    assert data == expected.getvalue().to_pybytes()
+    assert record["bytes"] == len(data) > 3 * queue._ShardSink.PIECE
+    assert record["checksum"] == "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
+    assert q.read(0).equals(big)
+    if writeback == "unsupported":
+        assert len(calls) == 1  # tried once, then plain fsync
 
 
 def test_expect_is_fixed_once_set(tmp_path):

@@ -245,6 +245,20 @@ def test_worker_commits_every_shard_once(tiny_dir, teacher, tmp_path):
     assert status and all(s["status"] == "done" for s in status)
 
 
+def test_queue_compression_reaches_scored_shards(tiny_dir, teacher, tmp_path):
+    rd = make_run_dir(tmp_path / "run")
+    cfg = OmegaConf.load(rd.path("config.yaml"))
+    cfg.queue.compression = "zstd"
+    OmegaConf.save(cfg, rd.path("config.yaml"))
+    assert score.run_worker(rd.root, step=1, once=True) == N_SHARDS
+    scored = StageQueue(rd, 1, "scored")
+    assert {r["compression"] for r in scored.committed().values()} == {"zstd"}
+    expected = score.score_shard(teacher, StageQueue(rd, 1, "rollouts").read(0))
+    assert scored.read(0).equals(expected)
+    plain = StageQueue(RunDir(tmp_path / "plain"), 1, "scored")
+    assert scored.record(0)["bytes"] < plain.commit(0, expected)["bytes"]  # really compressed on disk
+
+
 def wait_for(condition, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
