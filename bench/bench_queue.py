@@ -1,6 +1,6 @@
 """Scored-shard size and queue throughput against a plain file copy on the same filesystem.
 
-    .venv/bin/python -m bench.bench_queue [--dir DIR] [--reps 7]
+    .venv/bin/python -m bench.bench_queue [--dir DIR] [--reps 21]
 
 Prints one JSON object. The shard is realistic for Qwen3 (vocab 151,936) at k=64: 8
 responses of ~3,000 tokens, a ~300-token prompt, ~4 characters of text per token, top-k
@@ -122,7 +122,7 @@ def _file_bytes(table) -> int:
     return sink.getvalue().size
 
 
-def run(out: dict, path: str | os.PathLike | None = None, reps: int = 7) -> dict:
+def run(out: dict, path: str | os.PathLike | None = None, reps: int = 21) -> dict:
     """Fill ``out`` with the figures described in the module docstring; returns it."""
     import torch
 
@@ -221,7 +221,7 @@ def run(out: dict, path: str | os.PathLike | None = None, reps: int = 7) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=None, help="directory on the run directory's filesystem (default .cache/bench)")
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=21)
     args = parser.parse_args()
     print(json.dumps(run({}, args.dir, args.reps), indent=1))
 

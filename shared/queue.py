@@ -229,13 +229,12 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def _manifest_bytes(manifest: dict) -> bytes:
-    """The manifest with one shard record per line: readable, and encoded by json's C
-    encoder (``indent`` switches to the pure-Python one, quadratic over a stage's commits)."""
-    head = {k: v for k, v in manifest.items() if k != "committed"}
+def _manifest_bytes(head: dict, record_lines: list[str]) -> bytes:
+    """The manifest with one shard record per line (each line cached per record, so a
+    refresh encodes only what changed), readable and parseable as one JSON object."""
     lines = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
-    records = [f"  {json.dumps(name)}: {json.dumps(rec, sort_keys=True)}" for name, rec in manifest["committed"].items()]
-    body = "{\n" + "\n".join(lines) + '\n "committed": {' + ("\n" + ",\n".join(records) + "\n }" if records else "}")
+    body = "{\n" + "\n".join(lines) + '\n "committed": {'
+    body += ("\n" + ",\n".join(record_lines) + "\n }") if record_lines else "}"
     return (body + "\n}\n").encode()
 
 
@@ -251,43 +250,64 @@ def _load_json(path: Path) -> Any:
 class _ShardSink:
     """The file object Arrow serializes a shard into (through ``pa.PythonFile``).
 
-    It hashes the bytes as they pass (no second read of the file for the checksum), writes
-    them in 1 MiB pieces, and asks the kernel to start writing each piece back at once
-    (``sync_file_range``, Linux), so the fsync that ends the commit waits only for the tail
-    instead of the whole file. Why pieces: one write() of a multi-MB Arrow buffer into new
-    page-cache pages can cost ~8x more than the same bytes in 1 MiB writes (high-order page
-    allocation; measured on the CI VM, see BENCHMARKS.md). The fd stays the caller's.
+    It hashes the bytes as they pass (no second read of the file for the checksum), gathers
+    Arrow's many small writes (metadata, padding) and splits its large buffers, so the file
+    gets ~1 MiB write() calls, and asks the kernel to start writing each MiB back at once
+    (``sync_file_range``, Linux), so the fsync that ends the commit waits only for the tail.
+    Why pieces: one write() of a multi-MB buffer into new page-cache pages can cost ~8x more
+    than the same bytes in 1 MiB writes (high-order page allocation; measured on the CI VM,
+    see BENCHMARKS.md). The fd stays the caller's; ``close`` only flushes.
     """
 
     PIECE = 1 << 20
 
     def __init__(self, fd: int):
         self.fd = fd
-        self.size = 0
         self.closed = False
+        self._written = 0  # bytes handed to the kernel
+        self._kicked = 0  # bytes whose writeback was started
+        self._small = bytearray()
         self._hash = xxhash.xxh3_128()
         self._kick = _SYNC_FILE_RANGE
+
+    @property
+    def size(self) -> int:
+        return self._written + len(self._small)
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         self._hash.update(view)
+        if len(self._small) + len(view) <= self.PIECE:
+            self._small += view
+            return len(view)
+        self._flush_small()
         for start in range(0, len(view), self.PIECE):
-            piece = view[start : start + self.PIECE]
-            while piece:
-                n = os.write(self.fd, piece)
-                if self._kick is not None and self._kick(self.fd, self.size, n, _SYNC_FILE_RANGE_WRITE) != 0:
-                    self._kick = None  # unsupported here (ENOSYS, EINVAL): plain fsync at the end
-                self.size += n
-                piece = piece[n:]
+            self._write_all(view[start : start + self.PIECE])
         return len(view)
+
+    def _flush_small(self) -> None:
+        if self._small:
+            self._write_all(memoryview(self._small))
+            self._small = bytearray()
+
+    def _write_all(self, piece: memoryview) -> None:
+        while piece:
+            n = os.write(self.fd, piece)
+            self._written += n
+            piece = piece[n:]
+        if self._kick is not None and self._written - self._kicked >= self.PIECE:
+            if self._kick(self.fd, self._kicked, self._written - self._kicked, _SYNC_FILE_RANGE_WRITE) != 0:
+                self._kick = None  # unsupported here (ENOSYS, EINVAL): plain fsync at the end
+            self._kicked = self._written
 
     def tell(self) -> int:
         return self.size
 
     def flush(self) -> None:
-        pass
+        self._flush_small()
 
     def close(self) -> None:
+        self._flush_small()
         self.closed = True
 
     def checksum(self) -> str:
@@ -575,7 +595,8 @@ class StageQueue:
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression={compression!r}; valid: {COMPRESSIONS}")
         self.compression = compression
-        self._records_cache: dict[str, tuple[tuple, dict | None]] = {}
+        # record file name -> ((inode, mtime, size), record or None, its manifest line)
+        self._records_cache: dict[str, tuple[tuple, dict | None, str]] = {}
 
     def __repr__(self) -> str:
         return f"StageQueue({str(self.dir)!r})"
@@ -627,12 +648,16 @@ class StageQueue:
     # -- records
     def _scan(self) -> dict[int, dict]:
         """All commit records, by index (the truth about what is committed)."""
-        records: dict[int, dict] = {}
+        return {i: rec for i, (rec, _) in self._scan_lines().items()}
+
+    def _scan_lines(self) -> dict[int, tuple[dict, str]]:
+        """Index -> (commit record, its manifest line); records re-read only when changed."""
+        found: dict[int, tuple[dict, str]] = {}
         seen = set()
         try:
             entries = list(os.scandir(self.dir))
         except FileNotFoundError:
-            return records
+            return found
         for e in entries:
             if not e.name.endswith(RECORD_SUFFIX):
                 continue
@@ -649,13 +674,16 @@ class StageQueue:
                     rec = _load_json(Path(e.path))
                 except ValueError:
                     rec = None  # damaged by hand: verify reports it
-                cached = (key, rec if isinstance(rec, dict) else None)
+                if not isinstance(rec, dict):
+                    rec = None
+                line = "" if rec is None else f"  {json.dumps(shard_name(index))}: {json.dumps(rec, sort_keys=True)}"
+                cached = (key, rec, line)
                 self._records_cache[e.name] = cached
             if cached[1] is not None:
-                records[index] = cached[1]
+                found[index] = (cached[1], cached[2])
         for name in set(self._records_cache) - seen:
             del self._records_cache[name]
-        return records
+        return found
 
     def committed(self) -> dict[int, dict]:
         """Committed shards: index -> commit record."""
@@ -681,21 +709,22 @@ class StageQueue:
         return n is not None and not self.pending()
 
     # -- manifest
-    def _manifest(self) -> dict:
-        records = self._scan()
+    def _manifest_now(self) -> bytes:
+        """MANIFEST.json's content as of a scan of the records now."""
+        found = self._scan_lines()
         n = self.expected()
-        committed = {shard_name(i): records[i] for i in sorted(records)}
-        return {
+        indices = sorted(found)
+        head = {
             "format": "sluice.manifest/1",
             "step": self.step,
             "stage": self.stage,
             "expected": n,
-            "committed": committed,
-            "n_committed": len(committed),
-            "rows": sum(int(r.get("rows", 0)) for r in committed.values()),
-            "bytes": sum(int(r.get("bytes", 0)) for r in committed.values()),
-            "complete": n is not None and all(shard_name(i) in committed for i in range(n)),
+            "n_committed": len(indices),
+            "rows": sum(int(found[i][0].get("rows", 0)) for i in indices),
+            "bytes": sum(int(found[i][0].get("bytes", 0)) for i in indices),
+            "complete": n is not None and all(i in found for i in range(n)),
         }
+        return _manifest_bytes(head, [found[i][1] for i in indices])
 
     def manifest(self) -> dict | None:
         """MANIFEST.json as last written (a summary; ``committed()`` is the truth)."""
@@ -712,12 +741,19 @@ class StageQueue:
         written = None
         wrote = False
         for _ in range(1000):
-            want = self._manifest()
-            if want == written or (written is None and want == self.manifest()):
+            want = self._manifest_now()
+            if want == written:
                 return wrote
+            if written is None:
+                try:
+                    with open(self.dir / MANIFEST, "rb") as f:
+                        if f.read() == want:
+                            return False
+                except FileNotFoundError:
+                    pass
             # Derived data: atomic but not fsync'd, a crash at worst leaves an older summary,
             # which verify() rewrites. Skipping the fsync keeps commits near copy speed.
-            _atomic_write_bytes(self.dir / MANIFEST, _manifest_bytes(want), fsync=False, fsync_dir=False)
+            _atomic_write_bytes(self.dir / MANIFEST, want, fsync=False, fsync_dir=False)
             written, wrote = want, True
         raise RuntimeError(f"{self.dir}: manifest did not settle after 1000 rewrites")
 
