@@ -53,6 +53,7 @@ def run_module(name: str, timeout_s: int = 1500) -> dict:
     out = json.loads(Path(path).read_text())
     os.unlink(path)
     out["elapsed_s"] = elapsed
+    out["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(started))
     return out
 
 
@@ -167,7 +168,8 @@ def write_reports(results: dict, md_path: Path) -> None:
                              f"{fmt(e.get('baseline'))} | {fmt(e.get('ratio'))} | {e['target']} | {mark} | {mach} |")
         for note in out.get("notes", []):
             lines.append(f"\n{note}")
-        lines += ["", f"({out.get('elapsed_s', 0):.0f} s)", ""]
+        when = f", measured {out['measured_at']}" if out.get("measured_at") else ""
+        lines += ["", f"({out.get('elapsed_s', 0):.0f} s{when})", ""]
     if "no CUDA" in mach:
         lines += ["## GPU benchmarks", "",
                   "- skipped: no CUDA on this machine. On a CUDA machine bench_score and bench_train "
