@@ -43,8 +43,8 @@ from launch import jobs as J
 from shared import schemas
 from shared.partition import ROLE_LABELS, Plan
 from shared.queue import RunDir, StageQueue
-from shared.worker import (active_steps, atomic_write_json, is_committed_dir, load_run_config,
-                           read_json)
+from shared.worker import (active_steps, atomic_write_json, fault_point, is_committed_dir,
+                           load_run_config, read_json)
 
 log = logging.getLogger("sluice.coordinator")
 ROLES = ("generation", "teacher", "training")
@@ -353,7 +353,28 @@ class Coordinator:
                                state=state, claims_released=broken, while_coordinator_down=True,
                                log=str(job.paths.stderr), last_lines=J.stderr_tail(job))
                     dead.setdefault(role, []).append(int(task))
+        self._cancel_orphans()
         return dead
+
+    def _cancel_orphans(self) -> None:
+        """Cancel live jobs of this run that state.json does not record: a coordinator killed
+        between submitting jobs and saving their ids leaves them behind. They would work beside
+        the replacements this coordinator submits (the queue's claims keep every shard
+        exactly-once, but they hold GPUs, and two trainers would train the same steps)."""
+        for role in ROLES:
+            known = {str(j.job_id) for j in self.jobs[role].values()}
+            try:
+                found = J.live_jobs_named(self.kind, self.root, role)
+            except (OSError, RuntimeError) as e:
+                self.event("orphan_scan_failed", role=role, error=str(e))
+                continue
+            for job_id in sorted(set(found) - known):
+                job = J.reattach(self.kind, self.root, role, job_id)
+                J.cancel(self.kind, job)
+                broken = self._break_claims(job_id)
+                self._mark_workers_lost(role, job_id, "CANCELLED")
+                self.event("orphan_job_cancelled", role=role, job_id=job_id, claims_released=broken,
+                           log=str(job.paths.stderr))
 
     def submit(self, role: str, tasks: List[int], retry: bool) -> None:
         if role == "training":
@@ -361,6 +382,9 @@ class Coordinator:
             if self.trained_step() > ck:
                 self.invalidate_after(ck)
         new = J.submit_tasks(self.kind, self.root, self.cfg, self.plan, role, tasks)
+        # Tests kill the coordinator here (jobs submitted, not yet in state.json): the
+        # restarted coordinator must find and cancel them (_cancel_orphans).
+        fault_point(f"coordinator_submitted_{role}", self.trained_step())
         saved = self.state["jobs"].setdefault(role, {})
         for t, job in new.items():
             self.jobs[role][t] = job

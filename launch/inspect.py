@@ -93,7 +93,8 @@ def run_status(rd: RunDir) -> dict:
         "total_steps": state.get("total_steps"), "trained_step": state.get("trained_step", 0),
         "retries": state.get("retries", {}), "steps": steps, "workers": workers,
         "failures": [e for e in events if e["event"] in ("job_failed", "run_failed",
-                                                         "placement_violation", "worker_hung")],
+                                                         "placement_violation", "worker_hung",
+                                                         "orphan_job_cancelled")],
         "events": events,
     }
 

@@ -14,6 +14,8 @@ local executor (one process per task) on a laptop or CI box.
 from __future__ import annotations
 
 import ctypes
+import getpass
+import hashlib
 import os
 import pickle
 import signal
@@ -42,6 +44,9 @@ SACCT_INTERVAL_S = 2.0
 # Environment of a one-shot task (launch.resubmit --step N): the worker does that step even
 # on a finished run, whose coordinator/STOP would otherwise make it exit at once.
 ONE_SHOT_ENV = "SLUICE_ONE_SHOT_STEP"
+# The job name of a local job, in its controller's environment (Slurm has the real name):
+# how a restarted coordinator finds the jobs of its run that state.json does not record.
+JOB_NAME_ENV = "SLUICE_JOB_NAME"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -149,7 +154,15 @@ def log_folder(run_dir: Path, role: str) -> Path:
     return Path(run_dir) / "logs" / role
 
 
-def make_executor(kind: str, run_dir: Path, cfg: SluiceConfig, plan: Plan, role: str):
+def job_name(run_dir: Path, role: str, one_shot: bool = False) -> str:
+    """``sluice-<role>-<run tag>`` (``-redo`` for launch.resubmit's one-shot jobs): squeue
+    tells the runs apart, and a restarted coordinator finds its run's jobs by name."""
+    tag = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+    return f"sluice-{role}-{tag}" + ("-redo" if one_shot else "")
+
+
+def make_executor(kind: str, run_dir: Path, cfg: SluiceConfig, plan: Plan, role: str,
+                  one_shot: bool = False):
     rp = plan.roles[role]
     folder = log_folder(run_dir, role) / "%j"
     if kind == "local":
@@ -159,7 +172,7 @@ def make_executor(kind: str, run_dir: Path, cfg: SluiceConfig, plan: Plan, role:
     ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
     gpus_per_node = rp.gpus_per_node if role == "training" else rp.gpus_per_task
     params = dict(
-        name=f"sluice-{role}",
+        name=job_name(run_dir, role, one_shot),
         timeout_min=time_limit_min(cfg.cluster.time_limit),
         nodes=rp.num_nodes if role == "training" else 1,
         tasks_per_node=1,
@@ -190,17 +203,25 @@ def submit_tasks(kind: str, run_dir: Path, cfg: SluiceConfig, plan: Plan, role: 
                  task_indices: List[int], step: Optional[int] = None) -> Dict[int, submitit.Job]:
     """Submit tasks of a role (an array on Slurm); returns task index -> job."""
     rp = plan.roles[role]
-    ex = make_executor(kind, run_dir, cfg, plan, role)
+    ex = make_executor(kind, run_dir, cfg, plan, role, one_shot=step is not None)
     tasks = [RoleTask(str(run_dir), role, i, rp.gpus_per_task,
                       rp.num_nodes if role == "training" else 1, kind == "local", step)
              for i in task_indices]
     jobs: Dict[int, submitit.Job] = {}
     if kind == "local":
         gpus = [g for ids in rp.gpu_ids for g in ids]
-        for t in tasks:
-            mine = gpus[t.task_index * rp.gpus_per_task:(t.task_index + 1) * rp.gpus_per_task]
-            ex.update_parameters(gpus_per_node=len(mine), visible_gpus=mine)
-            jobs[t.task_index] = ex.submit(t)
+        before = os.environ.get(JOB_NAME_ENV)
+        os.environ[JOB_NAME_ENV] = job_name(run_dir, role, step is not None)  # copied by submitit
+        try:
+            for t in tasks:
+                mine = gpus[t.task_index * rp.gpus_per_task:(t.task_index + 1) * rp.gpus_per_task]
+                ex.update_parameters(gpus_per_node=len(mine), visible_gpus=mine)
+                jobs[t.task_index] = ex.submit(t)
+        finally:
+            if before is None:
+                os.environ.pop(JOB_NAME_ENV, None)
+            else:
+                os.environ[JOB_NAME_ENV] = before
         return jobs
     if len(tasks) > 1:
         ex.update_parameters(slurm_array_parallelism=len(tasks))
@@ -218,6 +239,33 @@ def reattach(kind: str, run_dir: Path, role: str, job_id: str) -> submitit.Job:
 
         return LocalJob(folder=folder, job_id=job_id)  # no Popen: judged by its pid (job_state)
     return submitit.SlurmJob(folder=folder, job_id=job_id)
+
+
+def live_jobs_named(kind: str, run_dir: Path, role: str) -> List[str]:
+    """Ids of the live jobs named ``job_name(run_dir, role)`` (not one-shot redo jobs), as
+    submitit spells them ("123", "123_4" for array tasks; a local job's controller pid)."""
+    name = job_name(run_dir, role)
+    if kind != "local":
+        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-n", name, "-o", "%i"],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"squeue failed ({out.returncode}): {out.stderr.strip()}")
+        return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    found = []
+    want = f"{JOB_NAME_ENV}={name}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = Path(entry.path, "cmdline").read_bytes()
+            if b"submitit.local._local" not in cmdline:
+                continue
+            environ = Path(entry.path, "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone, or another user's
+        if want in environ and _pid_alive(int(entry.name)):
+            found.append(entry.name)
+    return found
 
 
 def _pid_alive(pid: int) -> bool:

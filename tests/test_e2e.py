@@ -79,13 +79,13 @@ def stop_run(run_dir: Path) -> None:
 
 
 def launch(run_dir: Path, conf: str, *overrides: str, detach: bool = False,
-           timeout_s: float = 600) -> subprocess.CompletedProcess:
+           timeout_s: float = 600, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """`python -m launch.run conf=... launch.run_dir=... launch.detach=...`; on timeout the
     whole process group (coordinator and local workers) is killed and the test fails with
     the run's state."""
     cmd = [sys.executable, "-m", "launch.run", f"conf={conf}", f"launch.run_dir={run_dir}",
            f"launch.detach={str(detach).lower()}", *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**_env(), **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)

@@ -1,5 +1,6 @@
 """Faults: a teacher killed in the middle of a step (Slurm: scancel of its job, SIGKILL of
-its stage process), and a coordinator killed mid-run and restarted (local executor).
+its stage process), a coordinator killed mid-run and restarted, and one killed between
+submitting a job and recording it (local executor).
 
 Each run is the smoke recipe (3 steps). The teacher is killed as soon as a scored shard of
 step 1 or 2 is committed while others of that step are not (4 shards a step:
@@ -184,4 +185,52 @@ def test_coordinator_killed_and_restarted(tmp_path):
             pid = json.loads(pid_file.read_text())["pid"]
             if _pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        stop_run(run_dir)
+
+
+def test_coordinator_killed_between_submit_and_state_save(tmp_path):
+    """SIGKILL the coordinator right after it submitted the teacher job and before state.json
+    records it (fault point). The job lives on unrecorded; the restarted coordinator finds it
+    by its run's job name, cancels it and submits its own, so no second teacher works beside
+    the first, and the run ends with every sample once."""
+    from launch import jobs as J
+
+    run_dir = tmp_path / "orphan"
+    try:
+        first = launch(run_dir, "smoke", detach=True, timeout_s=300,
+                       env={"SLUICE_FAULTS": "coordinator_submitted_teacher:0"})
+        check_rc(first, run_dir)
+        pid = json.loads((run_dir / "logs" / "coordinator" / "coordinator.pid.json").read_text())["pid"]
+        wait_until(lambda: not _pid_alive(pid), 300, "the coordinator to kill itself after submitting", run_dir)
+        state = json.loads((run_dir / "coordinator" / "state.json").read_text())
+        assert set(state["jobs"]) == {"generation"}, state["jobs"]  # the teacher job is unrecorded
+        orphans = J.live_jobs_named("local", run_dir, "teacher")
+        assert len(orphans) == 1 and _pid_alive(int(orphans[0])), orphans
+        assert J.live_jobs_named("local", run_dir, "generation") == [state["jobs"]["generation"]["0"]["job_id"]]
+        assert J.live_jobs_named("local", run_dir, "training") == []
+
+        second = launch(run_dir, "smoke", detach=False, timeout_s=600)
+        check_rc(second, run_dir)
+        assert_summary(second.stdout, run_dir)
+        assert_scored_exactly_once(run_dir)
+        ev = events(run_dir)
+        cancelled = [(e["role"], e["job_id"]) for e in ev if e["event"] == "orphan_job_cancelled"]
+        assert cancelled == [("teacher", orphans[0])], cancelled
+        assert not _pid_alive(int(orphans[0]))
+        reattached = [(e["role"], e["job_id"]) for e in ev if e["event"] == "job_reattached"]
+        assert reattached == [("generation", state["jobs"]["generation"]["0"]["job_id"])], reattached
+        # Every scored shard was committed by the teacher the second coordinator submitted.
+        final = json.loads((run_dir / "coordinator" / "state.json").read_text())
+        teacher = final["jobs"]["teacher"]["0"]["job_id"]
+        assert teacher != orphans[0]
+        by = {rec["committed_by"]["job_id"] for recs in scored_records(run_dir).values() for rec in recs.values()}
+        assert by <= {teacher, orphans[0]} and teacher in by, by
+        for r in worker_records(run_dir, "teacher"):
+            if r["job_id"] == orphans[0]:  # it exited on SIGTERM, or was marked lost
+                assert r["status"] in ("exited", "lost"), r
+        assert final["retries"] == {"generation": 0, "teacher": 0, "training": 0}, final["retries"]
+    finally:
+        for role in ("generation", "teacher", "training"):
+            for job_id in J.live_jobs_named("local", run_dir, role):
+                J.cancel("local", J.reattach("local", run_dir, role, job_id), grace_s=2)
         stop_run(run_dir)

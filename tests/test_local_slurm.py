@@ -34,6 +34,10 @@ def raise_value_error() -> None:
     raise ValueError("task failed on purpose")
 
 
+def sleep_a_while(_: int) -> None:
+    time.sleep(300)
+
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
@@ -108,3 +112,30 @@ def test_up_again_is_a_fast_no_op(slurm_cluster: SlurmCluster) -> None:
     assert f"SLURM_CONF={slurm_cluster.env['SLURM_CONF']}" in cli.stdout
     assert local_slurm.running_pids(slurm_cluster.state_dir) == before
     assert elapsed < 10, f"two no-op `up` calls took {elapsed:.1f}s"
+
+
+def test_live_jobs_of_a_run_are_found_by_name(slurm_cluster: SlurmCluster, tmp_path) -> None:
+    """What a restarted coordinator uses to find jobs state.json does not record: every task
+    of the run's role array, pending ones too (3 nodes for 4 whole-node tasks), but not a
+    one-shot redo job nor another run's job."""
+    from launch import jobs as J
+
+    run_dir = tmp_path / "run"
+    ex = _executor(tmp_path / "logs")
+    ex.update_parameters(name=J.job_name(run_dir, "teacher"))
+    array = ex.map_array(sleep_a_while, range(4))
+    ex.update_parameters(name=J.job_name(run_dir, "teacher", one_shot=True))
+    redo = ex.submit(sleep_a_while, 0)
+    ex.update_parameters(name=J.job_name(tmp_path / "other-run", "teacher"))
+    other = ex.submit(sleep_a_while, 0)
+    try:
+        assert len({J.job_name(run_dir, "teacher"), J.job_name(run_dir, "teacher", one_shot=True),
+                    J.job_name(tmp_path / "other-run", "teacher")}) == 3
+        assert sorted(J.live_jobs_named("slurm", run_dir, "teacher")) == sorted(j.job_id for j in array)
+        assert J.live_jobs_named("slurm", run_dir, "generation") == []
+    finally:
+        subprocess.run(["scancel", *[j.job_id.split("_")[0] for j in array[:1]], redo.job_id, other.job_id])
+    deadline = time.monotonic() + 60
+    while J.live_jobs_named("slurm", run_dir, "teacher") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert J.live_jobs_named("slurm", run_dir, "teacher") == []
