@@ -96,6 +96,9 @@ def resolve_model(name: str) -> Path:
     return ensure_model(name, "policy.model_name")
 
 
+CPU_BATCHED_TOKENS = 4096  # vLLM's CPU default budget of tokens per engine step
+
+
 def sample_seed(run_seed: int, sample_id: str) -> int:
     """The sampling seed of one sample: stable across reruns, distinct between samples."""
     digest = hashlib.blake2b(f"{run_seed}\0{sample_id}".encode(), digest_size=8).digest()
@@ -175,6 +178,13 @@ def engine_kwargs(cfg: SluiceConfig, model_path: str | os.PathLike) -> dict:
         # which names another module in spawned engine processes.
         worker_extension_cls="stages.generate.SluiceWorkerExtension",
     )
+    if not on_gpu:
+        # vLLM on CPU crashes ("CPU Generator does not use offset") when a seeded request's
+        # prefill is split across engine steps, which chunked prefill does as soon as one
+        # call's prompts exceed the batched-token budget. Unchunked, a prompt waits for the
+        # next step instead; the budget must then hold the longest prompt.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(v.max_model_len, CPU_BATCHED_TOKENS)
     if backend is not None:
         kwargs["distributed_executor_backend"] = backend
     return kwargs

@@ -140,6 +140,21 @@ def test_generate_shard(sampler):
         generate_shard(sampler, table, policy_version=3)
 
 
+@pytest.mark.vllm
+def test_seeded_call_over_the_token_budget(sampler):
+    """More prompt tokens in one call than an engine step holds (4096 on CPU): with chunked
+    prefill, CPU vLLM crashed on the seeded request split across steps. Unchunked, each
+    sample still draws what its seed gives in a small call."""
+    scheduler = sampler.llm.llm_engine.vllm_config.scheduler_config
+    assert not scheduler.enable_chunked_prefill and scheduler.max_num_batched_tokens == 4096
+    rng = random.Random(5)
+    rows = [{"sample_id": f"big-{i}", "prompt_ids": [rng.randrange(500) for _ in range(65)]} for i in range(80)]
+    assert sum(len(r["prompt_ids"]) for r in rows) > scheduler.max_num_batched_tokens
+    big = sampler.generate(rows, batch_size=len(rows))["response_ids"]
+    assert len(big) == 80 and all(big)
+    assert sampler.generate(rows[-3:], batch_size=3)["response_ids"] == big[-3:]
+
+
 def test_sample_seed_is_stable_and_distinct():
     assert sample_seed(42, "a") == sample_seed(42, "a")
     assert len({sample_seed(42, f"s{i}") for i in range(1000)} | {sample_seed(43, "s0")}) == 1001
