@@ -28,14 +28,14 @@ from typing import Optional, Tuple
 from omegaconf import OmegaConf
 
 from shared.config import SluiceConfig, register
-from shared.queue import Owner, RunDir, _atomic_write_bytes, _fsync_dir
+from shared.queue import Owner, RunDir, _atomic_write_bytes, _fsync_dir, _json_bytes
 
 COMMITTED = "COMMITTED.json"
 
 
 def atomic_write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    _atomic_write_bytes(path, _json_bytes(obj))
 
 
 def read_json(path: Path, default=None):
