@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup smoke smoke-self test test-fast bench learn slurm-up slurm-down slurm-status clean-cache
+.PHONY: setup smoke smoke-self test test-fast golden bench learn slurm-up slurm-down slurm-status clean-cache
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not slurm and not vllm" $(PYTEST_ARGS)
+
+# Rewrite tests/golden/ (what Sluice submits per recipe); review the diff before committing.
+golden: setup
+	$(PY) -m pytest tests/test_golden.py -q --update-golden
 
 bench: setup
 	$(PY) -m bench.run

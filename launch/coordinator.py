@@ -3,15 +3,17 @@
     python -m launch.coordinator RUN_DIR          # what launch.run starts (job or process)
 
 It submits the role jobs through submitit, writes each step's prompts, watches jobs and
-worker heartbeats, resubmits what failed (up to launch.max_retries per role), logs metrics,
+worker heartbeats, resubmits what failed (up to launch.max_retries per job), logs metrics,
 and ends the run. All of its state is in RUN_DIR, so it can be killed and restarted at any
 time (launch.run on the run directory does that).
 
 Files it writes:
 
-    coordinator/state.json      {"jobs": {role: {task: {"job_id", "attempt", "submitted"}}},
-                                 "retries": {role: n}, "phase", "total_steps", "trained_step",
-                                 "resumed_from"}
+    coordinator/state.json      {"jobs": {job key: {"job_id", "attempt", "submitted", "roles"}},
+                                 "retries": {job key: n}, "phase", "total_steps",
+                                 "trained_step", "logged_step"}; job keys name the jobs of
+                                 the partition plan (shared.partition.job_units), e.g.
+                                 training-n0, generation-n1
     coordinator/events.jsonl    append-only, one JSON object a line: {"time", "event", ...}
     coordinator/STOP            the run is over ({"reason": ...}): workers exit
     coordinator/lock.json       {"pid", "host", "token", "started", "heartbeat"} while a
@@ -39,7 +41,9 @@ from typing import Dict, List, Optional
 
 import pyarrow as pa
 
-from launch import jobs as J
+from launch.executors import base as J
+from launch.executors import make_executor
+from launch.executors.local import pid_alive
 from shared import schemas
 from shared.partition import ROLE_LABELS, Plan
 from shared.queue import RunDir, StageQueue
@@ -71,7 +75,7 @@ def live_coordinator(root) -> Optional[dict]:
         return None
     if info.get("host") == socket.gethostname():
         pid = int(info.get("pid", 0))
-        if pid == os.getpid() or not J._pid_alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             return None
     return info
 
@@ -108,9 +112,12 @@ class Coordinator:
             raise FileNotFoundError(f"{self.root}/run.json missing: not a Sluice run directory")
         self.plan = Plan.from_dict(run["plan"])
         self.kind = run["executor"]
+        self.executor = make_executor(self.kind, self.root, self.cfg, self.plan)
+        self.units = J.units_by_key(self.executor.units())
         self.state = read_json(self.rd.path("coordinator", "state.json")) or {
-            "jobs": {}, "retries": {r: 0 for r in ROLES}, "phase": "starting"}
-        self.jobs: Dict[str, Dict[int, object]] = {r: {} for r in ROLES}
+            "jobs": {}, "retries": {k: 0 for k in self.units}, "phase": "starting"}
+        self.jobs: Dict[str, object] = {}
+        """job key -> the live job this coordinator watches."""
         self.poll_s = self.cfg.queue.poll_s
         events = self.rd.path("coordinator", "events.jsonl")
         events.parent.mkdir(parents=True, exist_ok=True)
@@ -332,27 +339,31 @@ class Coordinator:
 
     # ------------------------------------------------------------------ jobs
 
-    def _attach_saved_jobs(self) -> Dict[str, List[int]]:
+    def _attach_saved_jobs(self) -> List[str]:
         """Re-attach the jobs an earlier coordinator process submitted (state.json): a job still
-        alive keeps working and is watched again, never submitted twice. Returns, per role, the
-        tasks whose job died while no coordinator watched (their claims are released now)."""
-        dead: Dict[str, List[int]] = {}
-        for role, tasks in self.state.get("jobs", {}).items():
-            for task, info in tasks.items():
-                job = J.reattach(self.kind, self.root, role, info["job_id"])
-                state = J.job_state(self.kind, job)
-                # UNKNOWN: Slurm has no accounting record yet (just submitted): watch it.
-                if state in J.LIVE_STATES or state == "UNKNOWN":
-                    self.jobs[role][int(task)] = job
-                    self.event("job_reattached", role=role, task=int(task), job_id=info["job_id"],
-                               state=state)
-                elif state != "COMPLETED":
-                    broken = self._break_claims(str(job.job_id))
-                    self._mark_workers_lost(role, str(job.job_id), state)
-                    self.event("job_failed", role=role, task=int(task), job_id=info["job_id"],
-                               state=state, claims_released=broken, while_coordinator_down=True,
-                               log=str(job.paths.stderr), last_lines=J.stderr_tail(job))
-                    dead.setdefault(role, []).append(int(task))
+        alive keeps working and is watched again, never submitted twice. Returns the keys of
+        the jobs that died while no coordinator watched (their claims are released now)."""
+        dead: List[str] = []
+        for key, info in self.state.get("jobs", {}).items():
+            if key not in self.units:
+                continue
+            job = self.executor.reattach(key, info["job_id"])
+            try:
+                state = self.executor.state(job)
+            except J.SchedulerError:
+                state = "UNKNOWN"  # watched; judged once the scheduler answers
+            roles = list(self.units[key].roles)
+            # UNKNOWN: Slurm has no accounting record yet (just submitted): watch it.
+            if state in J.LIVE_STATES or state == "UNKNOWN":
+                self.jobs[key] = job
+                self.event("job_reattached", job=key, roles=roles, job_id=info["job_id"], state=state)
+            elif state != "COMPLETED":
+                broken = self._break_claims(str(job.job_id))
+                self._mark_workers_lost(str(job.job_id), state)
+                self.event("job_failed", job=key, roles=roles, job_id=info["job_id"], state=state,
+                           claims_released=broken, while_coordinator_down=True,
+                           log=str(job.paths.stderr), last_lines=J.stderr_tail(job))
+                dead.append(key)
         self._cancel_orphans()
         return dead
 
@@ -361,71 +372,73 @@ class Coordinator:
         between submitting jobs and saving their ids leaves them behind. They would work beside
         the replacements this coordinator submits (the queue's claims keep every shard
         exactly-once, but they hold GPUs, and two trainers would train the same steps)."""
-        for role in ROLES:
-            known = {str(j.job_id) for j in self.jobs[role].values()}
-            try:
-                found = J.live_jobs_named(self.kind, self.root, role)
-            except (OSError, RuntimeError) as e:
-                self.event("orphan_scan_failed", role=role, error=str(e))
+        known = {str(j.job_id) for j in self.jobs.values()}
+        try:
+            found = self.executor.live_jobs()
+        except (OSError, J.SchedulerError) as e:
+            self.event("orphan_scan_failed", error=str(e))
+            return
+        for job_id, key in sorted(found.items()):
+            if job_id in known:
                 continue
-            for job_id in sorted(set(found) - known):
-                job = J.reattach(self.kind, self.root, role, job_id)
-                J.cancel(self.kind, job)
-                broken = self._break_claims(job_id)
-                self._mark_workers_lost(role, job_id, "CANCELLED")
-                self.event("orphan_job_cancelled", role=role, job_id=job_id, claims_released=broken,
-                           log=str(job.paths.stderr))
+            job = self.executor.reattach(key, job_id)
+            self.executor.cancel(job)
+            broken = self._break_claims(job_id)
+            self._mark_workers_lost(job_id, "CANCELLED")
+            self.event("orphan_job_cancelled", job=key, roles=list(self.units[key].roles) if key in self.units
+                       else [], job_id=job_id, claims_released=broken, log=str(job.paths.stderr))
 
-    def submit(self, role: str, tasks: List[int], retry: bool) -> None:
-        if role == "training":
+    def submit(self, key: str, retry: bool) -> None:
+        unit = self.units[key]
+        if "training" in unit.roles:
             ck = self.last_checkpoint()
             if self.trained_step() > ck:
                 self.invalidate_after(ck)
-        new = J.submit_tasks(self.kind, self.root, self.cfg, self.plan, role, tasks)
-        # Tests kill the coordinator here (jobs submitted, not yet in state.json): the
-        # restarted coordinator must find and cancel them (_cancel_orphans).
-        fault_point(f"coordinator_submitted_{role}", self.trained_step())
-        saved = self.state["jobs"].setdefault(role, {})
-        for t, job in new.items():
-            self.jobs[role][t] = job
-            attempt = saved.get(str(t), {}).get("attempt", 0) + (1 if retry else 0)
-            saved[str(t)] = {"job_id": str(job.job_id), "attempt": attempt, "submitted": time.time()}
+        job = self.executor.submit(unit)
+        # Tests kill the coordinator here (job submitted, not yet in state.json): the
+        # restarted coordinator must find and cancel it (_cancel_orphans).
+        for role in unit.roles:
+            fault_point(f"coordinator_submitted_{role}", self.trained_step())
+        saved = self.state["jobs"].get(key, {})
+        self.jobs[key] = job
+        attempt = saved.get("attempt", 0) + (1 if retry else 0)
+        self.state["jobs"][key] = {"job_id": str(job.job_id), "attempt": attempt,
+                                   "submitted": time.time(), "roles": list(unit.roles)}
         self.save_state()
-        self.event("jobs_resubmitted" if retry else "jobs_submitted", role=role, tasks=tasks,
-                   job_ids=[str(new[t].job_id) for t in tasks])
+        self.event("job_resubmitted" if retry else "job_submitted", job=key, roles=list(unit.roles),
+                   job_id=str(job.job_id), nodes=len(unit.nodes), tasks=len(unit.workers))
 
-    def ensure_jobs(self, dead: Optional[Dict[str, List[int]]] = None) -> None:
-        """Submit every role task that has no job; `dead` tasks count as retries."""
-        dead = dead or {}
-        for role in ROLES:
-            missing = [t for t in range(self.plan.roles[role].num_tasks) if t not in self.jobs[role]]
-            retried = [t for t in missing if t in dead.get(role, [])]
-            fresh = [t for t in missing if t not in retried]
-            if retried:
-                self._count_retry(role, f"{len(retried)} task(s) died while no coordinator ran")
-                self.submit(role, retried, retry=True)
-            if fresh:
-                self.submit(role, fresh, retry=False)
+    def ensure_jobs(self, dead: Optional[List[str]] = None) -> None:
+        """Submit every job of the plan that has none; `dead` jobs count as retries."""
+        dead = dead or []
+        for key in self.units:
+            if key in self.jobs:
+                continue
+            if key in dead:
+                self._count_retry(key, "its job died while no coordinator ran")
+            self.submit(key, retry=key in dead)
 
-    def _count_retry(self, role: str, last: str) -> None:
-        self.state["retries"][role] = self.state["retries"].get(role, 0) + 1
-        if self.state["retries"][role] > self.cfg.launch.max_retries:
+    def _count_retry(self, key: str, last: str) -> None:
+        self.state["retries"][key] = self.state["retries"].get(key, 0) + 1
+        if self.state["retries"][key] > self.cfg.launch.max_retries:
+            roles = "+".join(self.units[key].roles)
             raise RunFailed(
-                f"the {role} role failed more than launch.max_retries="
+                f"the {roles} job {key} failed more than launch.max_retries="
                 f"{self.cfg.launch.max_retries} times; last: {last}\n"
                 f"Fix the cause, then resume with: python -m launch.run "
                 f"conf={self.root / 'config.yaml'} launch.run_dir={self.root} "
                 f"(or raise launch.max_retries)")
 
-    def _mark_workers_lost(self, role: str, job_id: str, state: str) -> None:
+    def _mark_workers_lost(self, job_id: str, state: str) -> None:
         """The worker records of a dead job say so (inspect shows it; placement and liveness
         checks skip it), unless the worker recorded its own end."""
-        wdir = self.rd.path("workers", role)
-        for p in wdir.glob("*.json") if wdir.is_dir() else []:
-            info = read_json(p)
-            if info and str(info.get("job_id")) == job_id and info.get("status") not in ("exited", "failed", "done"):
-                info.update(status="lost", detail=f"job {job_id} ended {state}")
-                atomic_write_json(p, info)
+        for role in ROLES:
+            wdir = self.rd.path("workers", role)
+            for p in wdir.glob("*.json") if wdir.is_dir() else []:
+                info = read_json(p)
+                if info and str(info.get("job_id")) == job_id and info.get("status") not in ("exited", "failed", "done"):
+                    info.update(status="lost", detail=f"job {job_id} ended {state}")
+                    atomic_write_json(p, info)
 
     def _break_claims(self, job_id: str) -> int:
         """Release the claims a dead job held, so its shards are redone now, not after the lease."""
@@ -437,39 +450,51 @@ class Coordinator:
 
     def watch_jobs(self) -> None:
         now = time.monotonic()
-        for role in ROLES:
-            for task, job in list(self.jobs[role].items()):
-                state = J.job_state(self.kind, job)
-                if state == "UNKNOWN":
-                    # Slurm accounting has not seen the job yet (normal for seconds after
-                    # sbatch); one it never sees (a stale id in state.json) is gone.
-                    first = self._unknown_since.setdefault(str(job.job_id), now)
-                    if now - first < UNKNOWN_GRACE_S:
-                        continue
-                    state = "VANISHED"
-                else:
-                    self._unknown_since.pop(str(job.job_id), None)
-                if state in J.LIVE_STATES:
+        for key, job in list(self.jobs.items()):
+            try:
+                state = self.executor.state(job)
+            except J.SchedulerError as e:
+                # Nothing is known this round (slurmdbd and slurmctld unreachable): conclude nothing.
+                if not getattr(self, "_scheduler_down", False):
+                    self.event("scheduler_unreachable", error=str(e))
+                self._scheduler_down = True
+                return
+            if getattr(self, "_scheduler_down", False):
+                self._scheduler_down = False
+                self.event("scheduler_reachable")
+            if state == "UNKNOWN":
+                # Slurm accounting has not seen the job yet (normal for seconds after
+                # sbatch); one it never sees (a stale id in state.json) is gone.
+                first = self._unknown_since.setdefault(str(job.job_id), now)
+                if now - first < UNKNOWN_GRACE_S:
                     continue
-                if state == "COMPLETED" and (self.state.get("phase") == "finishing" or
-                                             self.trained_step() >= self.state["total_steps"]):
-                    del self.jobs[role][task]  # a worker that saw the run end
-                    continue
-                del self.jobs[role][task]
-                broken = self._break_claims(str(job.job_id))
-                self._mark_workers_lost(role, str(job.job_id), state)
-                tail = J.stderr_tail(job)
-                self.event("job_failed", role=role, task=task, job_id=str(job.job_id), state=state,
-                           claims_released=broken, log=str(job.paths.stderr), last_lines=tail)
-                self._count_retry(role, f"job {job.job_id} task {task} ended {state}. Log: "
-                                        f"{job.paths.stderr}\n--- last lines ---\n{tail}")
-                self.submit(role, [task], retry=True)
+                state = "VANISHED"
+            else:
+                self._unknown_since.pop(str(job.job_id), None)
+            if state in J.LIVE_STATES:
+                continue
+            del self.jobs[key]
+            if state == "COMPLETED" and (self.state.get("phase") == "finishing" or
+                                         self.trained_step() >= self.state["total_steps"]):
+                continue  # its workers saw the run end
+            roles = list(self.units[key].roles)
+            broken = self._break_claims(str(job.job_id))
+            self._mark_workers_lost(str(job.job_id), state)
+            tail = J.stderr_tail(job)
+            self.event("job_failed", job=key, roles=roles, job_id=str(job.job_id), state=state,
+                       claims_released=broken, log=str(job.paths.stderr), last_lines=tail)
+            self._count_retry(key, f"job {job.job_id} ({key}) ended {state}. Log: "
+                                   f"{job.paths.stderr}\n--- last lines ---\n{tail}")
+            self.submit(key, retry=True)
 
     def check_workers(self) -> None:
         """Placement (no node shared by isolated roles) and liveness (hung workers), from the
         records of the workers of the jobs this coordinator watches (a dead job's stale record
         never counts, nor does a one-shot launch.resubmit job's)."""
-        tracked = {role: {str(j.job_id): j for j in self.jobs[role].values()} for role in ROLES}
+        tracked: Dict[str, Dict[str, object]] = {role: {} for role in ROLES}
+        for key, job in self.jobs.items():
+            for role in self.units[key].roles:
+                tracked[role][str(job.job_id)] = job
         records = {}
         for role in ROLES:
             wdir = self.rd.path("workers", role)
@@ -502,7 +527,7 @@ class Coordinator:
                 if now - hb > limit and job is not None:
                     self.event("worker_hung", role=role, job_id=str(job.job_id), status=info.get("status"),
                                heartbeat_age_s=round(now - hb, 1))
-                    J.cancel(self.kind, job)  # watch_jobs then sees it end and resubmits
+                    self.executor.cancel(job)  # watch_jobs then sees it end and resubmits
 
     # ------------------------------------------------------------------ metrics
 
@@ -632,8 +657,7 @@ class Coordinator:
                 self.logger.close()
 
     def stop_all(self, timeout_s: float = 120) -> None:
-        live = [j for tasks in self.jobs.values() for j in tasks.values()]
-        J.wait_all(self.kind, live, timeout_s)
+        self.executor.wait_all(list(self.jobs.values()), timeout_s)
 
     def finish(self) -> int:
         self.state["phase"] = "finishing"
@@ -657,7 +681,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
-    return Coordinator(argv[0]).run()
+    from launch import access
+    from shared.errors import UserError
+
+    root = Path(argv[0]).resolve()
+    try:
+        access.check_run_dir(root)
+    except UserError as e:
+        print(f"sluice: {e}", file=sys.stderr)
+        return 2
+    coordinator = Coordinator(root)
+    access.apply_umask(coordinator.cfg.launch.share_group)
+    return coordinator.run()
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def run_status(rd: RunDir) -> dict:
     return {
         "run_dir": str(rd.root), "phase": state.get("phase", "not started"),
         "total_steps": state.get("total_steps"), "trained_step": state.get("trained_step", 0),
-        "retries": state.get("retries", {}), "steps": steps, "workers": workers,
+        "retries": state.get("retries", {}), "jobs": state.get("jobs", {}), "steps": steps,
+        "workers": workers,
         "failures": [e for e in events if e["event"] in ("job_failed", "run_failed",
                                                          "placement_violation", "worker_hung",
                                                          "orphan_job_cancelled")],
@@ -126,6 +127,11 @@ def print_status(st: dict) -> None:
                 notes.append(f"{stage}: {len(x['quarantined'])} quarantined")
         loss = f"{s['loss']:.4f}" if s["loss"] is not None else "-"
         print(f"{s['step']:>6}  " + "  ".join(f"{c:>14}" for c in cells) + f"  {loss:>9}  " + "; ".join(notes))
+    if st["jobs"]:
+        print("jobs:")
+        for key, info in st["jobs"].items():
+            print(f"  {key:<28} job {info.get('job_id')} attempt {info.get('attempt', 0)} "
+                  f"({'+'.join(info.get('roles', []))})")
     if st["workers"]:
         print("workers:")
         now = time.time()

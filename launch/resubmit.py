@@ -82,14 +82,18 @@ def _resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int
 
         Coordinator(rd.root).invalidate_after(step - 1)
         said.append(f"steps >= {step} will be retrained from checkpoint {step - 1}")
-        from launch import jobs as J
+        from launch.executors import base as J, make_executor
 
+        executor = make_executor(run["executor"], rd.root, cfg, Plan.from_dict(run["plan"]))
         state = read_json(rd.path("coordinator", "state.json"), {}) or {}
-        for task, info in state.get("jobs", {}).get("training", {}).items():
-            job = J.reattach(run["executor"], rd.root, "training", info["job_id"])
-            if J.job_state(run["executor"], job) in J.LIVE_STATES:
-                J.cancel(run["executor"], job)
-                said.append(f"stopped training job {info['job_id']}; the coordinator resubmits it")
+        for key, info in state.get("jobs", {}).items():
+            if "training" not in info.get("roles", []):
+                continue
+            job = executor.reattach(key, info["job_id"])
+            if executor.state(job) in J.LIVE_STATES:
+                executor.cancel(job)
+                said.append(f"stopped training job {info['job_id']} ({key}); the coordinator "
+                            "resubmits it")
         if rd.path("coordinator", "STOP").exists():
             said.append(f"the run is not running: resume it with python -m launch.run "
                         f"conf={run.get('recipe')} launch.run_dir={rd.root}")
@@ -108,13 +112,13 @@ def _resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int
     if live_workers(rd, stage, cfg.queue.lease_s):
         said.append(f"a live {stage} worker will redo it")
         return said, None
-    from launch import jobs as J
+    from launch.executors import base as J, make_executor
 
-    plan = Plan.from_dict(run["plan"])
-    jobs = J.submit_tasks(run["executor"], rd.root, cfg, plan, stage, [0], step=step)
-    said.append(f"no live {stage} worker: submitted job {jobs[0].job_id}"
+    executor = make_executor(run["executor"], rd.root, cfg, Plan.from_dict(run["plan"]))
+    job = executor.submit(J.one_shot_unit(executor.units(), stage), step=step)
+    said.append(f"no live {stage} worker: submitted job {job.job_id}"
                 + (f" to redo step {step}" if step is not None else ""))
-    return said, jobs[0]
+    return said, job
 
 
 def wait_for(run_dir: str, stage: str, step: int, job, timeout_s: Optional[float],
@@ -123,10 +127,12 @@ def wait_for(run_dir: str, stage: str, step: int, job, timeout_s: Optional[float
 
     Raises WaitFailed if the one-shot `job` ends first (with its log's last lines), if the run
     stops while live workers were to do it, or after `timeout_s`."""
-    from launch import jobs as J
+    from launch.executors import base as J, make_executor
 
     rd = RunDir(run_dir)
-    kind = (read_json(rd.path("run.json")) or {}).get("executor", "local")
+    run = read_json(rd.path("run.json")) or {}
+    executor = make_executor(run.get("executor", "local"), rd.root, load_run_config(rd),
+                             Plan.from_dict(run["plan"]))
     stages = OUTPUT.get(stage, [])
     started = time.monotonic()
     had_stop = rd.path("coordinator", "STOP").exists()
@@ -136,7 +142,10 @@ def wait_for(run_dir: str, stage: str, step: int, job, timeout_s: Optional[float
 
     while not complete():
         if job is not None:
-            state = J.job_state(kind, job)
+            try:
+                state = executor.state(job)
+            except J.SchedulerError:
+                state = "UNKNOWN"
             if state not in J.LIVE_STATES and state != "UNKNOWN" and not complete():
                 raise WaitFailed(
                     f"the one-shot {stage} job {job.job_id} ended {state} before step {step}'s "

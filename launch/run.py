@@ -53,7 +53,7 @@ def prepare(argv: Sequence[str]):
     return conf, cfg, node, plan
 
 
-def print_dry_run(node, plan) -> None:
+def print_dry_run(cfg, node, plan) -> None:
     print(OmegaConf.to_yaml(node), end="")
     print("# partition plan")
     print(f"Isolated clusters created: {plan.summary()}" if plan.isolated
@@ -61,6 +61,9 @@ def print_dry_run(node, plan) -> None:
     for r, p in plan.roles.items():
         print(f"  {r}: {p.num_nodes} node(s) x {p.gpus_per_node} GPUs, {p.num_tasks} task(s) of "
               f"{p.gpus_per_task} GPU(s), nodes {p.nodes}, gpus {p.gpu_ids}")
+    from launch.executors.slurm import render_run
+
+    print(render_run(cfg, plan), end="")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -68,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         conf, cfg, node, plan = prepare(argv)
         if cfg.launch.dry_run:
-            print_dry_run(node, plan)
+            print_dry_run(cfg, node, plan)
             return 0
         from launch.start import start
 

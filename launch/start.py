@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from launch import access
 from shared import schemas
 from shared.errors import UserError
 from shared.recipe import REPO_ROOT
@@ -28,7 +29,8 @@ from shared.validation import resolve_path
 from shared.worker import atomic_write_json, read_json
 
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN")
-RUN_SCHEMA_VERSION = 1
+# 2: jobs are whole-node groups keyed by job key (coordinator/state.json, logs/<key>/).
+RUN_SCHEMA_VERSION = 2
 
 
 def code_version() -> str:
@@ -76,9 +78,9 @@ def default_run_dir(name: str) -> Path:
     return base / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def create_run_dir(run_dir: Path, recipe: str, node, plan, executor: str) -> None:
+def create_run_dir(run_dir: Path, recipe: str, node, plan, executor: str, share_group=None) -> None:
     _absolute_paths(node)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    access.create_run_dir(run_dir, share_group)
     for sub in ("coordinator", "steps", "weights", "checkpoints", "logs", "workers", "data"):
         (run_dir / sub).mkdir(exist_ok=True)
     text = scrub_secrets(OmegaConf.to_yaml(node))
@@ -114,8 +116,15 @@ def start(conf: str, cfg, node, plan) -> int:
             raise UserError(f"a coordinator is already running {run_dir} ({describe_lock(held)}). "
                             f"Fix: watch it with python -m launch.inspect {run_dir}; to restart it, "
                             "stop that process (or scancel its job) first.")
+        access.check_run_dir(run_dir)
         run = read_json(run_dir / "run.json")
+        if run is None or run.get("schema_version") != RUN_SCHEMA_VERSION:
+            raise UserError(f"{run_dir} was made by another version of Sluice (run schema "
+                            f"{(run or {}).get('schema_version')}, this one writes "
+                            f"{RUN_SCHEMA_VERSION}). Fix: resume it with the Sluice version that "
+                            "started it (run.json records its code_version), or start a new run.")
         executor = run["executor"]
+        access.apply_umask(cfg.launch.share_group)
         print(f"Resuming {run_dir} (config frozen at its first launch)")
     else:
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -123,7 +132,10 @@ def start(conf: str, cfg, node, plan) -> int:
                             "directory. Fix: choose a new or empty directory.")
         executor = resolve_executor(cfg.launch.executor)
         ensure_models(cfg)
-        create_run_dir(run_dir, conf, node, plan, executor)
+        create_run_dir(run_dir, conf, node, plan, executor, cfg.launch.share_group)
+        warning = access.parent_warning(run_dir)
+        if warning:
+            print(warning, file=sys.stderr)
         print(f"Run directory: {run_dir}")
     watch = (f"  watch:   python -m launch.inspect {run_dir}\n"
              f"  log:     tail -f {run_dir}/logs/coordinator/coordinator.log\n"
@@ -136,20 +148,10 @@ def start(conf: str, cfg, node, plan) -> int:
     log_dir = run_dir / "logs" / "coordinator"
     log_dir.mkdir(parents=True, exist_ok=True)
     if executor == "slurm":
-        import submitit
-
         from launch.coordinator import main as coordinator_main
-        from launch.jobs import time_limit_min
+        from launch.executors.slurm import submit_coordinator
 
-        ex = submitit.AutoExecutor(folder=log_dir / "%j", cluster="slurm")
-        params = dict(name="sluice-coordinator", timeout_min=time_limit_min(cfg.launch.coordinator_time_limit),
-                      nodes=1, tasks_per_node=1, cpus_per_task=2, slurm_setup=list(cfg.cluster.setup))
-        if cfg.cluster.partition:
-            params["slurm_partition"] = cfg.cluster.partition
-        if cfg.cluster.account:
-            params["slurm_additional_parameters"] = {"account": cfg.cluster.account}
-        ex.update_parameters(**params)
-        job = ex.submit(coordinator_main, [str(run_dir)])
+        job = submit_coordinator(cfg, run_dir, coordinator_main, [str(run_dir)])
         print(f"Coordinator: Slurm job {job.job_id}\n{watch.replace('coordinator/coordinator.log', f'coordinator/{job.job_id}/{job.job_id}_0_log.out')}")
         return 0
     with open(log_dir / "coordinator.log", "ab") as out:

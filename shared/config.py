@@ -468,25 +468,70 @@ class LoggerConfig:
 
 
 @dataclass
+class CoordinatorJobConfig:
+    """The coordinator's own Slurm job: a small CPU job that runs for the whole run."""
+
+    partition: Optional[str] = None
+    """Slurm partition of the coordinator job. null: the cluster's default partition (usually
+    a CPU partition; cluster.partition is not used, since it is normally a GPU partition)."""
+    account: Optional[str] = None
+    """Slurm account. null: cluster.account."""
+    qos: Optional[str] = None
+    """Slurm QOS. null: none (cluster.qos usually belongs to the GPU partition)."""
+    time_limit: str = "1-00:00:00"
+    """Time limit of the coordinator job (HH:MM:SS or D-HH:MM:SS)."""
+    cpus: int = 2
+    """CPUs of the coordinator job (it tokenizes the data and checks answers)."""
+    mem_gb: Optional[int] = 16
+    """Memory of the coordinator job in GB (null: the partition's default)."""
+    sbatch_args: List[str] = field(default_factory=list)
+    """Extra sbatch options for the coordinator job, e.g. ["--comment=sluice"]."""
+
+
+@dataclass
 class ClusterConfig:
     num_nodes: int = 1
-    """Nodes of the whole run (all roles)."""
+    """Nodes of the whole run (all roles). The role jobs together hold exactly this many
+    nodes (see README: what Sluice submits)."""
     gpus_per_node: int = 8
     """GPUs per node."""
     partition: Optional[str] = None
-    """Slurm partition (null: the cluster's default)."""
+    """Slurm partition of the role jobs (null: the cluster's default)."""
     account: Optional[str] = None
-    """Slurm account."""
+    """Slurm account of the role jobs (and of the coordinator unless cluster.coordinator.account)."""
     qos: Optional[str] = None
-    """Slurm QOS."""
+    """Slurm QOS of the role jobs."""
     time_limit: str = "04:00:00"
     """Time limit of each role job (HH:MM:SS or D-HH:MM:SS)."""
     cpus_per_gpu: int = 8
-    """CPUs requested per GPU."""
+    """CPUs requested per GPU; a job's CPUs on a node are split evenly between its tasks
+    (and passed to srun explicitly)."""
     mem_per_gpu_gb: Optional[int] = None
-    """Memory requested per GPU in GB (null: the partition's default)."""
+    """Memory requested per GPU in GB. null: a job that holds whole nodes (cluster.exclusive)
+    asks for all of each node's memory (--mem=0); a shared-node job must set this."""
+    exclusive: bool = True
+    """Role jobs hold their nodes whole (--exclusive): the run holds exactly
+    cluster.num_nodes nodes and no other job shares them. false: jobs ask only for the GPUs,
+    CPUs and memory they use (for sites that share nodes between jobs); then
+    cluster.mem_per_gpu_gb is required."""
+    gpu_type: Optional[str] = None
+    """GPU type in the GRES request, e.g. a100 gives --gres=gpu:a100:4 (null: --gres=gpu:4)."""
+    reservation: Optional[str] = None
+    """Slurm reservation of the role jobs."""
+    constraint: Optional[str] = None
+    """Slurm node feature constraint of the role jobs, e.g. "a100&ib"."""
+    exclude: Optional[str] = None
+    """Nodes the role jobs must not use (Slurm node list syntax, e.g. "gpu[07,12]")."""
+    nodelist: Optional[str] = None
+    """Nodes the role jobs must use (Slurm node list syntax). Each role job holds only some of
+    the run's nodes, so prefer cluster.exclude or cluster.constraint."""
+    sbatch_args: List[str] = field(default_factory=list)
+    """Extra sbatch options of every role job for site quirks, e.g. ["--switches=1",
+    "--comment=sluice"]. Long form only; options Sluice sets itself are refused."""
     setup: List[str] = field(default_factory=list)
     """Shell lines run before each worker (e.g. module load ...)."""
+    coordinator: CoordinatorJobConfig = field(default_factory=CoordinatorJobConfig)
+    """The coordinator's own job (partition, account, QOS, time limit, CPUs, memory)."""
 
 
 @dataclass
@@ -498,13 +543,16 @@ class LaunchConfig:
     name: Optional[str] = None
     """Run name (null: the recipe name)."""
     dry_run: bool = False
-    """Validate, print the resolved config and the partition plan, and exit."""
+    """Validate, print the resolved config, the partition plan and what would be submitted,
+    and exit."""
     detach: bool = True
     """Run the coordinator as its own job (Slurm) or background process (local)."""
     max_retries: int = 3
-    """Resubmissions allowed per role before the run stops."""
-    coordinator_time_limit: str = "2-00:00:00"
-    """Slurm time limit of the coordinator job."""
+    """Resubmissions allowed per role job before the run stops."""
+    share_group: Optional[str] = None
+    """Unix group that may read (never write) the run directory. null: the run directory is
+    private to its owner (mode 700). Whoever can write to it can run code as you (submitit
+    executes the job pickles in logs/), so it is never made group-writable."""
 
 
 @dataclass
@@ -560,6 +608,8 @@ REFUSED_KEYS: Dict[str, str] = {
     "logger.mlflow": "Sluice logs to wandb and TensorBoard only; remove the key",
     "logger.swanlab": "Sluice logs to wandb and TensorBoard only; remove the key",
     "cluster.ray": "Sluice does not use Ray; remove the key",
+    "launch.coordinator_time_limit": "the coordinator job's resources moved to "
+    "cluster.coordinator.*; use cluster.coordinator.time_limit",
 }
 
 

@@ -18,12 +18,21 @@ torchrun job over all its nodes.
 
 The plan is plain data (written to run.json) and is checked again at run time against the
 hosts the workers record.
+
+Jobs. `job_units(plan, merge_shared_nodes)` groups the workers into the jobs that are
+submitted. A worker is one process tree on one node: a vLLM engine, a teacher replica, or
+one node's torchrun of the trainer. A job holds whole plan nodes: the trainer's nodes form
+one job; every generation or teacher node is a job of its own, with one task per engine or
+replica (each bound to its own GPUs). With `merge_shared_nodes` (the Slurm executor) the jobs
+of roles that share a plan node are merged into one job, so that the node is allocated once;
+the local executor keeps one job per role and node (one machine has no nodes to get right,
+and a failure restarts less). Either way the jobs hold exactly `cluster.num_nodes` nodes.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from shared.config import SluiceConfig
 from shared.errors import config_error
@@ -79,6 +88,133 @@ class Plan:
             for n in p.nodes:
                 by_node.setdefault(n, []).append(r)
         return {n: rs for n, rs in by_node.items() if len(rs) > 1}
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One task of a job: a worker process tree on one node."""
+
+    role: str
+    task: int
+    """The worker's index in its role (engine or teacher replica k; 0 for the trainer)."""
+    node: int
+    """Plan node it runs on."""
+    gpus: Tuple[int, ...]
+    """GPU indices it uses on that node."""
+    node_rank: int = 0
+    """Trainer: this node's rank among the trainer's nodes (0 for the other roles)."""
+    nnodes: int = 1
+    """Trainer: nodes the trainer spans (1 for the other roles)."""
+
+    @property
+    def multiprocess(self) -> bool:
+        """Started through torchrun (several ranks) rather than as one process. vLLM does its
+        own tensor parallelism inside one process, so an engine never is."""
+        return self.role != "generation" and (len(self.gpus) > 1 or self.nnodes > 1)
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One submitted job: whole plan nodes and the workers placed on them."""
+
+    key: str
+    """Stable name in the run: roles joined by '+', then '-n' and its first plan node, e.g.
+    training-n0, generation-n1 (coordinator/state.json, logs/<key>/, job names)."""
+    roles: Tuple[str, ...]
+    nodes: Tuple[int, ...]
+    """Plan nodes it holds, whole."""
+    workers: Tuple[WorkerPlan, ...]
+
+    @property
+    def tasks_per_node(self) -> int:
+        """Slurm tasks per node: the most workers any of its nodes holds (a node with fewer
+        leaves its spare task slots idle)."""
+        return max(sum(1 for w in self.workers if w.node == n) for n in self.nodes)
+
+    def gpus_on(self, node: int) -> List[int]:
+        """GPU indices its workers use on `node`, ascending."""
+        return sorted({g for w in self.workers if w.node == node for g in w.gpus})
+
+    @property
+    def gpus_per_node(self) -> int:
+        """GPUs to request per node (the most any of its nodes uses)."""
+        return max(len(self.gpus_on(n)) for n in self.nodes)
+
+    def slots(self) -> Dict[Tuple[int, int], WorkerPlan]:
+        """(node position in the job, task index on that node) -> worker: what each Slurm task
+        (SLURM_NODEID, SLURM_LOCALID) runs."""
+        out = {}
+        for pos, n in enumerate(self.nodes):
+            for local, w in enumerate(w for w in self.workers if w.node == n):
+                out[(pos, local)] = w
+        return out
+
+    def gpu_positions(self, w: WorkerPlan) -> List[int]:
+        """Positions of the worker's GPUs among the GPUs the job holds on its node: the indices
+        into the job's CUDA_VISIBLE_DEVICES there."""
+        held = self.gpus_on(w.node)
+        return [held.index(g) for g in w.gpus]
+
+    def only(self, role: str, first_worker: bool = False) -> "JobPlan":
+        """The part of this job that runs `role` (just its first worker with `first_worker`):
+        a one-shot redo of one role."""
+        workers = tuple(w for w in self.workers if w.role == role)
+        workers = workers[:1] if first_worker else workers
+        nodes = tuple(n for n in self.nodes if any(w.node == n for w in workers))
+        return JobPlan(key=f"{role}-n{nodes[0]}", roles=(role,), nodes=nodes, workers=workers)
+
+
+def workers_of(plan: "Plan") -> List[WorkerPlan]:
+    """Every worker of the plan, role by role, node-major."""
+    out: List[WorkerPlan] = []
+    for role in ROLES:
+        rp = plan.roles[role]
+        if role == "training":
+            for rank, (n, ids) in enumerate(zip(rp.nodes, rp.gpu_ids)):
+                out.append(WorkerPlan(role, 0, n, tuple(ids), node_rank=rank, nnodes=rp.num_nodes))
+            continue
+        per_node = rp.gpus_per_node // rp.gpus_per_task
+        for i, (n, ids) in enumerate(zip(rp.nodes, rp.gpu_ids)):
+            for j in range(per_node):
+                gpus = tuple(ids[j * rp.gpus_per_task:(j + 1) * rp.gpus_per_task])
+                out.append(WorkerPlan(role, i * per_node + j, n, gpus))
+    return out
+
+
+def job_units(plan: "Plan", merge_shared_nodes: bool) -> List[JobPlan]:
+    """The jobs to submit, in a stable order (see the module docstring)."""
+    groups: List[Tuple[set, List[WorkerPlan]]] = []
+    for w in workers_of(plan):
+        if w.role == "training":
+            key_nodes = set(plan.roles["training"].nodes)
+        else:
+            key_nodes = {w.node}
+        match = next((g for g in groups if g[1][0].role == w.role and g[0] == key_nodes), None)
+        if match is None:
+            groups.append((key_nodes, [w]))
+        else:
+            match[1].append(w)
+    if merge_shared_nodes:
+        merged = True
+        while merged:
+            merged = False
+            for i in range(len(groups)):
+                for j in range(i + 1, len(groups)):
+                    if groups[i][0] & groups[j][0]:
+                        groups[i] = (groups[i][0] | groups[j][0], groups[i][1] + groups[j][1])
+                        del groups[j]
+                        merged = True
+                        break
+                if merged:
+                    break
+    units = []
+    for nodes, workers in groups:
+        roles = tuple(r for r in ROLES if any(w.role == r for w in workers))
+        order = sorted(nodes)
+        workers = sorted(workers, key=lambda w: (order.index(w.node), ROLES.index(w.role), w.task))
+        units.append(JobPlan(key=f"{'+'.join(roles)}-n{order[0]}", roles=roles,
+                             nodes=tuple(order), workers=tuple(workers)))
+    return sorted(units, key=lambda u: (u.nodes[0], u.key))
 
 
 def _requests(cfg: SluiceConfig) -> Dict[str, tuple]:

@@ -10,6 +10,7 @@ Also run by `python -m launch.run ... launch.dry_run=true`. Checks that need the
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 from typing import List, Optional
@@ -305,6 +306,7 @@ def validate(cfg: SluiceConfig, check_models: bool = False) -> Plan:
         raise config_error("checkpointing.save_period", value=ck.save_period,
                            problem="must be at least 1", fix="set checkpointing.save_period>=1")
     _check_choice("launch.executor", cfg.launch.executor, ("auto", "slurm", "local"))
+    _check_cluster(cfg)
     if cfg.launch.max_retries < 0:
         raise config_error("launch.max_retries", value=cfg.launch.max_retries,
                            problem="must be >= 0", fix="set launch.max_retries>=0")
@@ -317,6 +319,62 @@ def validate(cfg: SluiceConfig, check_models: bool = False) -> Plan:
 
     _check_models(cfg, required=check_models)
     return plan
+
+
+_SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
+_SLURM_WORD = re.compile(r"[^\s'\"\\]+")
+
+
+def _check_cluster(cfg: SluiceConfig) -> None:
+    """The Slurm keys: each value becomes an #SBATCH line, so it must be one word."""
+    from shared import sbatch
+
+    cl = cfg.cluster
+    for key, value in (("cluster.time_limit", cl.time_limit),
+                       ("cluster.coordinator.time_limit", cl.coordinator.time_limit)):
+        if not _SLURM_TIME.fullmatch(str(value)):
+            raise config_error(key, value=value, problem="not a Slurm time",
+                               fix=f"write HH:MM:SS or D-HH:MM:SS, e.g. {key}=04:00:00")
+    for name in ("partition", "account", "qos", "gpu_type", "reservation", "constraint",
+                 "exclude", "nodelist"):
+        value = getattr(cl, name)
+        if value is not None and not _SLURM_WORD.fullmatch(str(value)):
+            raise config_error(f"cluster.{name}", value=value,
+                               problem="must be one word (no spaces, quotes or backslashes)",
+                               fix=f"give the Slurm value as sbatch takes it, e.g. "
+                               f"cluster.{name}=NAME, or null")
+    for name in ("partition", "account", "qos"):
+        value = getattr(cl.coordinator, name)
+        if value is not None and not _SLURM_WORD.fullmatch(str(value)):
+            raise config_error(f"cluster.coordinator.{name}", value=value,
+                               problem="must be one word (no spaces, quotes or backslashes)",
+                               fix=f"cluster.coordinator.{name}=NAME, or null")
+    if cl.gpu_type is not None and ":" in cl.gpu_type:
+        raise config_error("cluster.gpu_type", value=cl.gpu_type,
+                           problem="is the GPU type alone (Sluice adds gpu: and the count)",
+                           fix="e.g. cluster.gpu_type=a100 for --gres=gpu:a100:4")
+    for key, value in (("cluster.cpus_per_gpu", cl.cpus_per_gpu),
+                       ("cluster.coordinator.cpus", cl.coordinator.cpus)):
+        if value < 1:
+            raise config_error(key, value=value, problem="must be at least 1", fix=f"set {key}>=1")
+    for key, value in (("cluster.mem_per_gpu_gb", cl.mem_per_gpu_gb),
+                       ("cluster.coordinator.mem_gb", cl.coordinator.mem_gb)):
+        if value is not None and value < 1:
+            raise config_error(key, value=value, problem="must be at least 1 (GB), or null",
+                               fix=f"set {key} to a size in GB, or null")
+    if not cl.exclusive and cl.mem_per_gpu_gb is None:
+        raise config_error("cluster.mem_per_gpu_gb", value=None,
+                           problem="cluster.exclusive=false: jobs share their nodes, so each must "
+                           "ask for its memory (the partition's default is often far too small "
+                           "to load a model)",
+                           fix="set cluster.mem_per_gpu_gb (e.g. a node's memory / its GPUs), or "
+                           "cluster.exclusive=true")
+    for key, items in (("cluster.sbatch_args", cl.sbatch_args),
+                       ("cluster.coordinator.sbatch_args", cl.coordinator.sbatch_args)):
+        try:
+            sbatch.parse(key, list(items))
+        except sbatch.SbatchArgError as e:
+            raise config_error(key, value=list(items), problem=e.problem, fix=e.fix) from None
 
 
 def _check_models(cfg: SluiceConfig, required: bool) -> None:

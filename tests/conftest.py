@@ -21,3 +21,8 @@ def tiny_models():
     from shared.tiny import build_tiny_models
 
     return build_tiny_models(tiny_models_dir())
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden/ from the current code (review the diff before committing)")

@@ -65,17 +65,25 @@ def run_diagnostics(run_dir: Path) -> str:
 def stop_run(run_dir: Path) -> None:
     """Tear down whatever a run left running (a failed or timed-out test): its Slurm jobs,
     or its local job process trees. A finished run has nothing left, so this is a no-op."""
-    from launch import jobs as J
-    from shared.worker import read_json
+    from launch.executors import base as J, make_executor
+    from shared.partition import Plan
+    from shared.worker import load_run_config, read_json
 
     run = read_json(run_dir / "run.json") or {}
+    if "plan" not in run:
+        return
     state = read_json(run_dir / "coordinator" / "state.json") or {}
-    kind = run.get("executor", "local")
-    for role, tasks in state.get("jobs", {}).items():
-        for info in tasks.values():
-            job = J.reattach(kind, run_dir, role, info["job_id"])
-            if kind != "local" or J.job_state(kind, job) in J.LIVE_STATES:
-                J.cancel(kind, job, grace_s=3)
+    executor = make_executor(run.get("executor", "local"), run_dir, load_run_config(run_dir),
+                             Plan.from_dict(run["plan"]))
+    jobs = {info["job_id"]: key for key, info in state.get("jobs", {}).items()}
+    try:
+        jobs.update(executor.live_jobs())
+    except J.SchedulerError:
+        pass
+    for job_id, key in jobs.items():
+        job = executor.reattach(key, job_id)
+        if executor.kind != "local" or executor.state(job) in J.LIVE_STATES:
+            executor.cancel(job, grace_s=3)
 
 
 def launch(run_dir: Path, conf: str, *overrides: str, detach: bool = False,

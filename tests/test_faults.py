@@ -33,9 +33,9 @@ FAULT_OVERRIDES = ("queue.prompts_per_shard=2", "queue.lease_s=20", "queue.heart
 
 
 def _pid_alive(pid: int) -> bool:
-    from launch.jobs import _pid_alive as alive
+    from launch.executors.local import pid_alive
 
-    return alive(pid)
+    return pid_alive(pid)
 
 
 def _mid_step(run_dir: Path):
@@ -103,10 +103,10 @@ def _assert_teacher_recovered(run_dir: Path, result: dict, state: str) -> None:
     assert_scored_exactly_once(run_dir)
     ev = events(run_dir)
     failed = [e for e in ev if e["event"] == "job_failed"]
-    assert [(e["role"], e["job_id"], e["state"]) for e in failed] == [("teacher", victim["job_id"], state)], failed
-    resub = [e for e in ev if e["event"] == "jobs_resubmitted"]
-    assert [e["role"] for e in resub] == ["teacher"], resub
-    new_job = resub[0]["job_ids"][0]
+    assert [(e["roles"], e["job_id"], e["state"]) for e in failed] == [(["teacher"], victim["job_id"], state)], failed
+    resub = [e for e in ev if e["event"] == "job_resubmitted"]
+    assert [e["roles"] for e in resub] == [["teacher"]], resub
+    new_job = resub[0]["job_id"]
     # The shards were committed by the killed job and by its replacement, each exactly once.
     by = {rec["committed_by"]["job_id"] for recs in scored_records(run_dir).values() for rec in recs.values()}
     assert victim["job_id"] in by and new_job in by, (by, victim["job_id"], new_job)
@@ -155,7 +155,8 @@ def test_coordinator_killed_and_restarted(tmp_path):
         wait_until(lambda: not _pid_alive(pid), 30, "the killed coordinator to go")
         assert not (run_dir / "coordinator" / "STOP").exists()
         state = json.loads((run_dir / "coordinator" / "state.json").read_text())
-        orphans = {role: tasks["0"]["job_id"] for role, tasks in state["jobs"].items()}
+        orphans = {info["roles"][0]: info["job_id"] for info in state["jobs"].values()}
+        assert sorted(state["jobs"]) == ["generation-n0", "teacher-n0", "training-n0"], state["jobs"]
         assert all(_pid_alive(int(j)) for j in orphans.values()), orphans  # the workers live on
 
         second = launch(run_dir, "smoke", detach=False, timeout_s=600)
@@ -165,18 +166,18 @@ def test_coordinator_killed_and_restarted(tmp_path):
         assert_scored_exactly_once(run_dir)
         ev = events(run_dir)
         assert [e["event"] for e in ev].count("coordinator_started") == 2
-        reattached = {e["role"]: e["job_id"] for e in ev if e["event"] == "job_reattached"}
+        reattached = {e["roles"][0]: e["job_id"] for e in ev if e["event"] == "job_reattached"}
         assert reattached == orphans, (reattached, orphans)
-        assert not [e for e in ev if e["event"] in ("job_failed", "jobs_resubmitted", "steps_redone")], ev
+        assert not [e for e in ev if e["event"] in ("job_failed", "job_resubmitted", "steps_redone")], ev
         # No second worker of any role was started.
-        assert [e["event"] for e in ev].count("jobs_submitted") == 3
+        assert [e["event"] for e in ev].count("job_submitted") == 3
         for role in ("generation", "teacher", "training"):
             assert {r["job_id"] for r in worker_records(run_dir, role)} == {orphans[role]}, role
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, STEPS + 1))
         assert [r["step"] for r in rows if "validation/accuracy" in r] == [STEPS]
         state = json.loads((run_dir / "coordinator" / "state.json").read_text())
-        assert state["phase"] == "finished" and state["retries"] == {r: 0 for r in orphans}
+        assert state["phase"] == "finished" and set(state["retries"].values()) == {0}, state["retries"]
         for r in (w for role in orphans for w in worker_records(run_dir, role)):
             wait_until(lambda: not _pid_alive(r["pid"]), 30, f"{r['role']} worker pid {r['pid']} to exit")
     finally:
@@ -193,7 +194,9 @@ def test_coordinator_killed_between_submit_and_state_save(tmp_path):
     records it (fault point). The job lives on unrecorded; the restarted coordinator finds it
     by its run's job name, cancels it and submits its own, so no second teacher works beside
     the first, and the run ends with every sample once."""
-    from launch import jobs as J
+    from launch.executors.local import LocalExecutor
+    from shared.partition import Plan
+    from shared.worker import load_run_config
 
     run_dir = tmp_path / "orphan"
     try:
@@ -203,34 +206,34 @@ def test_coordinator_killed_between_submit_and_state_save(tmp_path):
         pid = json.loads((run_dir / "logs" / "coordinator" / "coordinator.pid.json").read_text())["pid"]
         wait_until(lambda: not _pid_alive(pid), 300, "the coordinator to kill itself after submitting", run_dir)
         state = json.loads((run_dir / "coordinator" / "state.json").read_text())
-        assert set(state["jobs"]) == {"generation"}, state["jobs"]  # the teacher job is unrecorded
-        orphans = J.live_jobs_named("local", run_dir, "teacher")
-        assert len(orphans) == 1 and _pid_alive(int(orphans[0])), orphans
-        assert J.live_jobs_named("local", run_dir, "generation") == [state["jobs"]["generation"]["0"]["job_id"]]
-        assert J.live_jobs_named("local", run_dir, "training") == []
+        assert set(state["jobs"]) == {"generation-n0"}, state["jobs"]  # the teacher job is unrecorded
+        run = json.loads((run_dir / "run.json").read_text())
+        executor = LocalExecutor(run_dir, load_run_config(run_dir), Plan.from_dict(run["plan"]))
+        live = executor.live_jobs()
+        orphans = [j for j, key in live.items() if key == "teacher-n0"]
+        assert len(orphans) == 1 and _pid_alive(int(orphans[0])), live
+        assert sorted(live.values()) == ["generation-n0", "teacher-n0"], live
+        assert [j for j, key in live.items() if key == "generation-n0"] == [state["jobs"]["generation-n0"]["job_id"]]
 
         second = launch(run_dir, "smoke", detach=False, timeout_s=600)
         check_rc(second, run_dir)
         assert_summary(second.stdout, run_dir)
         assert_scored_exactly_once(run_dir)
         ev = events(run_dir)
-        cancelled = [(e["role"], e["job_id"]) for e in ev if e["event"] == "orphan_job_cancelled"]
-        assert cancelled == [("teacher", orphans[0])], cancelled
+        cancelled = [(e["job"], e["job_id"]) for e in ev if e["event"] == "orphan_job_cancelled"]
+        assert cancelled == [("teacher-n0", orphans[0])], cancelled
         assert not _pid_alive(int(orphans[0]))
-        reattached = [(e["role"], e["job_id"]) for e in ev if e["event"] == "job_reattached"]
-        assert reattached == [("generation", state["jobs"]["generation"]["0"]["job_id"])], reattached
+        reattached = [(e["job"], e["job_id"]) for e in ev if e["event"] == "job_reattached"]
+        assert reattached == [("generation-n0", state["jobs"]["generation-n0"]["job_id"])], reattached
         # Every scored shard was committed by the teacher the second coordinator submitted.
         final = json.loads((run_dir / "coordinator" / "state.json").read_text())
-        teacher = final["jobs"]["teacher"]["0"]["job_id"]
+        teacher = final["jobs"]["teacher-n0"]["job_id"]
         assert teacher != orphans[0]
         by = {rec["committed_by"]["job_id"] for recs in scored_records(run_dir).values() for rec in recs.values()}
         assert by <= {teacher, orphans[0]} and teacher in by, by
         for r in worker_records(run_dir, "teacher"):
             if r["job_id"] == orphans[0]:  # it exited on SIGTERM, or was marked lost
                 assert r["status"] in ("exited", "lost"), r
-        assert final["retries"] == {"generation": 0, "teacher": 0, "training": 0}, final["retries"]
+        assert final["retries"] == {"generation-n0": 0, "teacher-n0": 0, "training-n0": 0}, final["retries"]
     finally:
-        for role in ("generation", "teacher", "training"):
-            for job_id in J.live_jobs_named("local", run_dir, role):
-                J.cancel("local", J.reattach("local", run_dir, role, job_id), grace_s=2)
         stop_run(run_dir)

@@ -115,27 +115,28 @@ def test_up_again_is_a_fast_no_op(slurm_cluster: SlurmCluster) -> None:
 
 
 def test_live_jobs_of_a_run_are_found_by_name(slurm_cluster: SlurmCluster, tmp_path) -> None:
-    """What a restarted coordinator uses to find jobs state.json does not record: every task
-    of the run's role array, pending ones too (3 nodes for 4 whole-node tasks), but not a
-    one-shot redo job nor another run's job."""
-    from launch import jobs as J
+    """What a restarted coordinator uses to find jobs state.json does not record: every live
+    job of the run, pending ones too (3 nodes for 4 whole-node jobs), but not a one-shot redo
+    job nor another run's job."""
+    from launch.executors.base import job_name
+    from launch.executors.slurm import SlurmExecutor
 
     run_dir = tmp_path / "run"
     ex = _executor(tmp_path / "logs")
-    ex.update_parameters(name=J.job_name(run_dir, "teacher"))
-    array = ex.map_array(sleep_a_while, range(4))
-    ex.update_parameters(name=J.job_name(run_dir, "teacher", one_shot=True))
+    ours = []
+    for i in range(4):
+        ex.update_parameters(name=job_name(run_dir, f"teacher-n{i}"))
+        ours.append(ex.submit(sleep_a_while, 0))
+    ex.update_parameters(name=job_name(run_dir, "teacher-n0", one_shot=True))
     redo = ex.submit(sleep_a_while, 0)
-    ex.update_parameters(name=J.job_name(tmp_path / "other-run", "teacher"))
+    ex.update_parameters(name=job_name(tmp_path / "other-run", "teacher-n0"))
     other = ex.submit(sleep_a_while, 0)
+    executor = SlurmExecutor(run_dir, cfg=None, plan=None)
     try:
-        assert len({J.job_name(run_dir, "teacher"), J.job_name(run_dir, "teacher", one_shot=True),
-                    J.job_name(tmp_path / "other-run", "teacher")}) == 3
-        assert sorted(J.live_jobs_named("slurm", run_dir, "teacher")) == sorted(j.job_id for j in array)
-        assert J.live_jobs_named("slurm", run_dir, "generation") == []
+        assert executor.live_jobs() == {j.job_id: f"teacher-n{i}" for i, j in enumerate(ours)}
     finally:
-        subprocess.run(["scancel", *[j.job_id.split("_")[0] for j in array[:1]], redo.job_id, other.job_id])
+        subprocess.run(["scancel", *[j.job_id for j in ours], redo.job_id, other.job_id])
     deadline = time.monotonic() + 60
-    while J.live_jobs_named("slurm", run_dir, "teacher") and time.monotonic() < deadline:
+    while executor.live_jobs() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert J.live_jobs_named("slurm", run_dir, "teacher") == []
+    assert executor.live_jobs() == {}

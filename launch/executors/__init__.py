@@ -1,0 +1,27 @@
+"""Executors: how a run's jobs are submitted, watched, found again and cancelled.
+
+    from launch.executors import make_executor
+    ex = make_executor("slurm", run_dir, cfg, plan)
+    for unit in ex.units(): job = ex.submit(unit)
+
+`local` (submitit's local executor: make smoke, CI, laptops) and `slurm` (sbatch through
+submitit) implement `base.Executor`; the coordinator only uses that interface.
+"""
+
+from __future__ import annotations
+
+from launch.executors.base import Executor
+
+EXECUTORS = ("local", "slurm")
+
+
+def make_executor(kind: str, run_dir, cfg, plan) -> Executor:
+    if kind == "local":
+        from launch.executors.local import LocalExecutor
+
+        return LocalExecutor(run_dir, cfg, plan)
+    if kind == "slurm":
+        from launch.executors.slurm import SlurmExecutor
+
+        return SlurmExecutor(run_dir, cfg, plan)
+    raise ValueError(f"unknown executor {kind!r}: one of {', '.join(EXECUTORS)}")

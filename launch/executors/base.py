@@ -1,0 +1,321 @@
+"""What runs inside a job, and the interface every executor implements.
+
+A job (`shared.partition.JobPlan`) holds whole plan nodes and runs one task per worker: a vLLM
+engine, a teacher replica, or one node's torchrun of the trainer. Every task runs the same
+picklable `UnitTask`; it finds its worker from its place in the job (node, task on the node),
+binds it to its own GPUs (CUDA_VISIBLE_DEVICES) and starts the worker as a child process:
+
+    python -m stages.generate RUN_DIR                          one engine (vLLM: TP in-process)
+    python -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=G -m stages.score RUN_DIR
+    python -m torch.distributed.run --nnodes=N --node_rank=R --rdzv_backend=c10d \\
+        --rdzv_endpoint=HOST:PORT --rdzv_id=sluice-JOB --nproc_per_node=G -m stages.train RUN_DIR
+
+The coordinator never imports torch or vLLM: the child process does. A worker that fails
+ends its whole job (the job is the unit that is resubmitted): srun --kill-on-bad-exit on
+Slurm, the task stopping its siblings under the local executor.
+
+Executors (`local.LocalExecutor`, `slurm.SlurmExecutor`) submit, watch, find and cancel
+jobs behind one small interface (`Executor`); the coordinator only talks to that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from shared.partition import JobPlan, WorkerPlan
+
+ROLE_MODULE = {"generation": "stages.generate", "teacher": "stages.score", "training": "stages.train"}
+# Job states after which a job is gone for good (first word of sacct's state).
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                 "BOOT_FAIL", "DEADLINE", "INTERRUPTED", "VANISHED"}
+LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING",
+               "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
+# Environment of a one-shot task (launch.resubmit --step N): the worker does that step even
+# on a finished run, whose coordinator/STOP would otherwise make it exit at once.
+ONE_SHOT_ENV = "SLUICE_ONE_SHOT_STEP"
+# Seconds a worker gets to stop on SIGTERM (release its claims) before it is killed.
+STOP_GRACE_S = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+class SchedulerError(RuntimeError):
+    """The scheduler could not be asked (sacct/squeue failed): nothing is known about the
+    jobs this round, and nothing may be concluded from that."""
+
+
+def _die_with_parent() -> None:
+    """preexec_fn of the worker: SIGKILL it when the task process dies (Linux), so a killed
+    task (local cancel, a crashed submitit process) never leaves an orphan worker that goes
+    on claiming and committing shards beside its replacement."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def rdzv_port(job_id: str) -> int:
+    """The trainer's rendezvous port: distinct per job, as several runs may share a node."""
+    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """What a worker's command line depends on at run time: the job id and the trainer's
+    rendezvous endpoint (its first node's address, a port of the job's own)."""
+
+    job_id: str
+    rdzv_host: str
+    rdzv_port: str
+
+
+def worker_command(w: WorkerPlan, run_dir: str, ctx: LaunchContext, step: Optional[int] = None,
+                   python: str = sys.executable) -> List[str]:
+    """The worker's command line (also what tests/golden pins for every recipe)."""
+    module = ROLE_MODULE[w.role]
+    args = [run_dir] + ([] if step is None else ["--step", str(step)])
+    if not w.multiprocess:
+        return [python, "-m", module, *args]
+    if w.nnodes == 1:
+        dist = ["--standalone", "--nnodes=1"]
+    else:
+        dist = [f"--nnodes={w.nnodes}", f"--node_rank={w.node_rank}", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={ctx.rdzv_host}:{ctx.rdzv_port}",
+                f"--rdzv_id=sluice-{ctx.job_id}"]
+    return [python, "-m", "torch.distributed.run", *dist, f"--nproc_per_node={len(w.gpus)}",
+            "-m", module, *args]
+
+
+def visible_devices(indices: Sequence[int], inherited: Optional[str]) -> str:
+    """CUDA_VISIBLE_DEVICES of a worker: `indices` into the devices its job sees (`inherited`,
+    the job's own CUDA_VISIBLE_DEVICES), or the indices themselves when the job sets none."""
+    if not inherited:
+        return ",".join(str(i) for i in indices)
+    held = inherited.split(",")
+    if max(indices, default=-1) >= len(held):
+        raise RuntimeError(f"the job sees GPUs {inherited}, but its worker needs GPU indices "
+                           f"{list(indices)}: the job holds fewer GPUs than the partition plan; "
+                           "check cluster.gpus_per_node against the nodes")
+    return ",".join(held[i] for i in indices)
+
+
+@dataclass
+class UnitTask:
+    """Every task of a job runs this (picklable: submitit ships it to the nodes)."""
+
+    run_dir: str
+    unit: JobPlan
+    local: bool
+    step: Optional[int] = None
+    """Process only this step, then exit (launch.resubmit on a finished run)."""
+    _child: Optional[subprocess.Popen] = field(default=None, repr=False, compare=False)
+    _stopping: bool = field(default=False, repr=False, compare=False)
+
+    def my_worker(self, node: int, local_rank: int) -> Optional[WorkerPlan]:
+        """The worker of Slurm task (SLURM_NODEID, SLURM_LOCALID); the local executor runs all
+        of a job's tasks on this machine, numbered through its nodes."""
+        if self.local:
+            return self.unit.workers[local_rank] if local_rank < len(self.unit.workers) else None
+        return self.unit.slots().get((node, local_rank))
+
+    def context(self, job_id: str) -> LaunchContext:
+        port = str(rdzv_port(job_id))
+        if self.local:
+            return LaunchContext(job_id, "127.0.0.1", port)
+        # srun ran on the batch host, the job's first node: its address needs no name lookup.
+        host = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
+        if not host:
+            nodes = os.environ.get("SLURM_JOB_NODELIST", "")
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                                 text=True, check=True)
+            host = out.stdout.split()[0]
+        return LaunchContext(job_id, host, port)
+
+    def __call__(self) -> int:
+        import submitit
+
+        jenv = submitit.JobEnvironment()
+        w = self.my_worker(jenv.node, jenv.local_rank)
+        if w is None:  # a spare task slot on a node with fewer workers than others
+            print(f"[sluice {self.unit.key}] task {jenv.global_rank}: no worker here", flush=True)
+            return 0
+        env = dict(os.environ)
+        env["SLUICE_JOB_ID"] = str(jenv.job_id)
+        env["SLUICE_TASK_ID"] = str(w.task)
+        env["SLUICE_ROLE"] = w.role
+        env["SLUICE_JOB_KEY"] = self.unit.key
+        indices = list(w.gpus) if self.local else self.unit.gpu_positions(w)
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(indices, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if self.step is not None:
+            env[ONE_SHOT_ENV] = str(self.step)
+        cmd = worker_command(w, self.run_dir, self.context(str(jenv.job_id)), self.step)
+        print(f"[sluice {w.role} task {w.task} node_rank {w.node_rank}] "
+              f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} {' '.join(cmd)}", flush=True)
+        # SIGTERM (scancel, a failed sibling under the local executor): pass it on to the worker,
+        # which releases its claims and exits. (submitit itself ignores SIGTERM.)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._child = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        rc = self._child.wait()
+        if rc != 0 or self._stopping:
+            why = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+            if self.local and not self._stopping and len(self.unit.workers) > 1:
+                # srun --kill-on-bad-exit does this on Slurm: the job ends, and is resubmitted whole.
+                os.kill(os.getppid(), signal.SIGTERM)
+            raise RuntimeError(f"sluice {w.role} worker (task {w.task}, job {jenv.job_id}) ended "
+                               f"with {why}{' after SIGTERM' if self._stopping else ''}; its output "
+                               "is above")
+        return rc
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stopping = True
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    def checkpoint(self, *args, **kwargs):
+        """Slurm's pre-timeout signal: stop the worker cleanly, then requeue the job."""
+        import submitit
+
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        return submitit.helpers.DelayedSubmission(UnitTask(self.run_dir, self.unit, self.local, self.step))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_child"] = None  # a Popen does not travel
+        state["_stopping"] = False
+        return state
+
+
+def time_limit_min(limit: str) -> int:
+    """Slurm time 'D-HH:MM:SS', 'HH:MM:SS', 'MM:SS' or 'MM' in whole minutes (rounded up)."""
+    days = 0
+    if "-" in limit:
+        d, limit = limit.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in limit.split(":")]
+    if len(parts) == 1:
+        h, m, s = (0, parts[0], 0) if not days else (parts[0], 0, 0)
+    elif len(parts) == 2:
+        h, m, s = (0, parts[0], parts[1]) if not days else (parts[0], parts[1], 0)
+    else:
+        h, m, s = parts[-3:]
+    return days * 1440 + h * 60 + m + (1 if s else 0)
+
+
+def run_tag(run_dir) -> str:
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+
+
+def job_name(run_dir, key: str, one_shot: bool = False) -> str:
+    """``sluice-<job key>-<run tag>`` (``-redo`` for launch.resubmit's one-shot jobs): squeue
+    tells the runs apart, and a restarted coordinator finds its run's jobs by name."""
+    return f"sluice-{key}-{run_tag(run_dir)}" + ("-redo" if one_shot else "")
+
+
+def key_of_job_name(run_dir, name: str) -> Optional[str]:
+    """The job key in a job name of this run's (not a one-shot redo job), else None."""
+    suffix = f"-{run_tag(run_dir)}"
+    if name.startswith("sluice-") and name.endswith(suffix):
+        return name[len("sluice-"):-len(suffix)]
+    return None
+
+
+def log_folder(run_dir, key: str) -> Path:
+    return Path(run_dir) / "logs" / key
+
+
+class Executor:
+    """Submits, watches, finds and cancels the jobs of one run.
+
+    Job objects are submitit jobs (`job.job_id`, `job.paths.stdout/stderr`)."""
+
+    kind = "?"
+
+    def __init__(self, run_dir, cfg, plan):
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.plan = plan
+
+    def units(self) -> List[JobPlan]:
+        raise NotImplementedError
+
+    def submit(self, unit: JobPlan, step: Optional[int] = None):
+        """Submit one job; `step`: a one-shot job that only does that step."""
+        raise NotImplementedError
+
+    def reattach(self, key: str, job_id: str):
+        """A job object for a job submitted by an earlier coordinator process."""
+        raise NotImplementedError
+
+    def state(self, job) -> str:
+        """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ..., VANISHED, or UNKNOWN
+        (the scheduler has no record of it yet). Raises SchedulerError when it cannot tell."""
+        raise NotImplementedError
+
+    def cancel(self, job, grace_s: float = 10.0) -> None:
+        raise NotImplementedError
+
+    def live_jobs(self) -> Dict[str, str]:
+        """Live jobs of this run (not one-shot redo jobs): job id -> job key."""
+        raise NotImplementedError
+
+    def wait_all(self, jobs, timeout_s: float) -> None:
+        """Wait for jobs to end by themselves (workers exit on STOP); cancel what is left."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                if all(self.state(j) not in LIVE_STATES for j in jobs):
+                    return
+            except SchedulerError:
+                pass
+            time.sleep(0.5)
+        for j in jobs:
+            try:
+                live = self.state(j) in LIVE_STATES
+            except SchedulerError:
+                live = True
+            if live:
+                self.cancel(j)
+
+
+def stderr_tail(job, lines: int = 15) -> str:
+    for path in (job.paths.stderr, job.paths.stdout):
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        if text.strip():
+            return "\n".join(text.rstrip().splitlines()[-lines:])
+    return "(no output)"
+
+
+def units_by_key(units: Sequence[JobPlan]) -> Dict[str, JobPlan]:
+    return {u.key: u for u in units}
+
+
+def one_shot_unit(units: Sequence[JobPlan], role: str) -> JobPlan:
+    """The job that redoes one step of `role` on a finished run: one engine or teacher
+    replica (the trainer: all of its nodes), taken from the role's first job."""
+    first = next(u for u in units if role in u.roles)
+    return first.only(role, first_worker=role != "training")
+
+
+__all__ = ["Executor", "FAILED_STATES", "LIVE_STATES", "LaunchContext", "ONE_SHOT_ENV",
+           "SchedulerError", "UnitTask", "job_name", "key_of_job_name", "log_folder",
+           "one_shot_unit", "stderr_tail", "time_limit_min", "units_by_key", "visible_devices",
+           "worker_command"]
