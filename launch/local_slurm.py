@@ -6,9 +6,10 @@
     export SLURM_CONF=DIR/etc/slurm.conf   # then sbatch, sinfo, sacct, submitit work
 
 `up` (needs root) installs the Debian packages when missing (slurm-wlm, munge,
-mariadb-server, slurmdbd), then starts munged, MariaDB, slurmdbd, slurmctld and three
-slurmd nodes node1..node3, each with 4 fake GPUs (`Gres=gpu:4`, backed by character
-devices made with mknod), and waits until `sinfo` shows the three nodes idle. It is
+mariadb-server, slurmdbd), then starts munged, MariaDB, slurmdbd, slurmctld and four
+slurmd nodes: node1..node3 in the default partition `debug`, each with 4 fake GPUs
+(`Gres=gpu:4`, backed by character devices made with mknod), and cpu1, CPU only, in the
+partition `cpu` (for coordinator jobs), and waits until `sinfo` shows the nodes idle. It is
 idempotent: with everything running it only checks and returns. If a node is INVAL or
 DOWN it restarts slurmctld with a clean StateSaveLocation, the one recovery seen to work.
 
@@ -18,7 +19,7 @@ and socket in munge/, the MariaDB data in mysql/. Nothing is written to /etc/slu
 /etc/munge, so every Slurm command (sbatch, sacct, scancel, hence submitit) needs
 SLURM_CONF pointing at DIR/etc/slurm.conf; slurmdbd and slurmd find slurmdbd.conf and
 gres.conf beside it. Jobs inherit SLURM_CONF from the submitting environment.
-The daemons use their own ports (slurmctld 17817, slurmdbd 17819, slurmd 17001-17003,
+The daemons use their own ports (slurmctld 17817, slurmdbd 17819, slurmd 17001-17004,
 MariaDB 17306 on 127.0.0.1), so a system Slurm or MariaDB does not get in the way.
 `down` stops, by recorded pid, only the processes `up` started; the state dir stays, so
 the next `up` reuses the database and the munge key (delete the dir for a clean slate).
@@ -51,12 +52,17 @@ CLUSTER_NAME = "sluice"
 PARTITION = "debug"
 NODES = ("node1", "node2", "node3")
 GPUS_PER_NODE = 4
-SLURMD_PORTS = {node: 17001 + i for i, node in enumerate(NODES)}
+# A CPU-only node in a partition of its own, as real clusters have for small jobs: where the
+# coordinator job runs, so that it never takes one of the GPU nodes the roles need.
+CPU_PARTITION = "cpu"
+CPU_NODES = ("cpu1",)
+ALL_NODES = NODES + CPU_NODES
+SLURMD_PORTS = {node: 17001 + i for i, node in enumerate(ALL_NODES)}
 SLURMCTLD_PORT = 17817
 SLURMDBD_PORT = 17819
 MYSQL_PORT = 17306
 # Low enough for any box this runs on; a node reporting less than configured goes INVAL.
-NODE_REAL_MEMORY_MB = 1000
+NODE_REAL_MEMORY_MB = 4000
 DB_NAME = "slurm_acct_db"
 DB_USER = "slurm"
 # The database only listens on 127.0.0.1 and holds throwaway accounting data.
@@ -169,7 +175,7 @@ def daemons(layout: Layout) -> list[Daemon]:
         Daemon("mariadbd", layout.mysql / "mariadbd.pid", ("mariadbd", "mysqld")),
         Daemon("slurmdbd", layout.run / "slurmdbd.pid", ("slurmdbd",)),
         Daemon("slurmctld", layout.run / "slurmctld.pid", ("slurmctld",)),
-        *(Daemon(f"slurmd-{node}", layout.run / f"slurmd-{node}.pid", ("slurmd",)) for node in NODES),
+        *(Daemon(f"slurmd-{node}", layout.run / f"slurmd-{node}.pid", ("slurmd",)) for node in ALL_NODES),
     ]
 
 
@@ -388,8 +394,9 @@ def _node_hardware() -> str:
 def render_slurm_conf(layout: Layout, hostname: str, hardware: str) -> str:
     nodes = "\n".join(
         f"NodeName={node} NodeHostname={hostname} NodeAddr=127.0.0.1 Port={SLURMD_PORTS[node]} "
-        f"{hardware} RealMemory={NODE_REAL_MEMORY_MB} Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN"
-        for node in NODES
+        f"{hardware} RealMemory={NODE_REAL_MEMORY_MB}"
+        + (f" Gres=gpu:{GPUS_PER_NODE}" if node in NODES else "") + " State=UNKNOWN"
+        for node in ALL_NODES
     )
     return f"""\
 # Written by launch/local_slurm.py; rewritten on every `up`.
@@ -427,12 +434,15 @@ AccountingStorageHost=localhost
 AccountingStoragePort={SLURMDBD_PORT}
 # Connections to slurmdbd ignore AuthInfo: for them this names the munge socket.
 AccountingStoragePass={layout.munge_socket}
+# GPUs in sacct's AllocTRES, as GPU clusters record them.
+AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
 MailProg=/bin/true
 {nodes}
 PartitionName={PARTITION} Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PartitionName={CPU_PARTITION} Nodes={",".join(CPU_NODES)} MaxTime=INFINITE State=UP
 """
 
 
@@ -442,7 +452,7 @@ def render_gres_conf(layout: Layout) -> str:
     last = GPUS_PER_NODE - 1
     return (
         "# Written by launch/local_slurm.py.\n"
-        f"Name=gpu File={layout.dev}/nvidia[0-{last}]\n"
+        f"NodeName={','.join(NODES)} Name=gpu File={layout.dev}/nvidia[0-{last}]\n"
     )
 
 
@@ -637,7 +647,7 @@ def _ensure_slurmctld(layout: Layout, timeout_s: float) -> None:
 
 
 def _ensure_slurmds(layout: Layout, timeout_s: float) -> None:
-    for node in NODES:
+    for node in ALL_NODES:
         daemon = _daemon(layout, f"slurmd-{node}")
         if _live_pid(daemon) is None:
             _start_daemon(daemon, ["slurmd", "-N", node], layout, timeout_s)
@@ -653,7 +663,7 @@ def node_states(state_dir: Path | str = DEFAULT_STATE_DIR) -> dict[str, str]:
 
 
 def _nodes_ready(states: dict[str, str]) -> bool:
-    return all(states.get(node) in READY_NODE_STATES for node in NODES)
+    return all(states.get(node) in READY_NODE_STATES for node in ALL_NODES)
 
 
 def _nodes_broken(states: dict[str, str]) -> bool:
