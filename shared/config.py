@@ -44,7 +44,7 @@ class DTensorConfig:
     """Recompute each decoder layer's activations in the backward pass to save memory."""
     tensor_parallel_size: int = 1
     """GPUs per model replica. Training: must divide the training role's GPUs. Teacher: the
-    number of GPUs one teacher task shards the model over (the teacher array has
+    number of GPUs one teacher task shards the model over (the teacher role has
     role GPUs / tensor_parallel_size tasks)."""
     context_parallel_size: int = 1
     """Not supported by Sluice yet; must be 1."""
@@ -124,7 +124,7 @@ class VllmConfig:
     kv_cache_dtype: str = "auto"
     """vLLM kv_cache_dtype."""
     tensor_parallel_size: int = 1
-    """GPUs per vLLM engine; the generation array has role GPUs / tensor_parallel_size tasks."""
+    """GPUs per vLLM engine; generation runs role GPUs / tensor_parallel_size engines."""
     pipeline_parallel_size: int = 1
     """Must be 1 in Sluice."""
     expert_parallel_size: int = 1
@@ -272,9 +272,9 @@ class RolesConfig:
     training: RoleResources = field(default_factory=RoleResources)
     """The training job (one torchrun job over its nodes)."""
     generation: RoleResources = field(default_factory=RoleResources)
-    """The generation array (one vLLM engine per vllm_cfg.tensor_parallel_size GPUs)."""
+    """Generation (one vLLM engine per vllm_cfg.tensor_parallel_size GPUs)."""
     teacher: RoleResources = field(default_factory=RoleResources)
-    """The teacher array (one teacher per teacher.dtensor_cfg.tensor_parallel_size GPUs)."""
+    """The teacher (one replica per teacher.dtensor_cfg.tensor_parallel_size GPUs)."""
 
 
 @dataclass

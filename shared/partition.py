@@ -11,8 +11,8 @@ Two layouts, with the runbook's keys:
   `policy.generation.colocated.resources` when set (runbook semantics), else from
   `distillation.resource_isolation.roles.generation`.
 
-Inside a role, the generation array has one task per vLLM engine
-(`policy.generation.vllm_cfg.tensor_parallel_size` GPUs), the teacher array one task per
+Inside a role, generation has one worker per vLLM engine
+(`policy.generation.vllm_cfg.tensor_parallel_size` GPUs), the teacher one worker per
 teacher replica (`teacher.dtensor_cfg.tensor_parallel_size` GPUs), and training is one
 torchrun job over all its nodes.
 
@@ -48,7 +48,7 @@ class RolePlan:
     num_nodes: int
     gpus_per_node: int
     num_tasks: int
-    """Slurm array tasks (generation, teacher) or 1 (training)."""
+    """Workers: engines (generation), replicas (teacher), or 1 (training)."""
     gpus_per_task: int
     nodes: List[int] = field(default_factory=list)
     """Logical node indices (0-based) in the cluster the role lives on."""

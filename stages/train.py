@@ -399,7 +399,7 @@ class StepStopped(Exception):
 _SIGTERM = {"received": False}
 
 
-def _on_sigterm(signum, frame):  # Slurm's pre-timeout path (launch/jobs.py) and scancel
+def _on_sigterm(signum, frame):  # Slurm's pre-timeout path (launch/executors/base.py) and scancel
     _SIGTERM["received"] = True
 
 
