@@ -27,7 +27,7 @@ PRIVATE_MODE = 0o700
 SHARED_MODE = 0o2750
 # Sluice's own entries of RUN_DIR (never links); logs/ is checked two levels down.
 TOP_ENTRIES = ("config.yaml", "run.json", "coordinator", "logs", "steps", "weights",
-               "checkpoints", "workers", "data", "validation")
+               "checkpoints", "workers", "jobs", "data", "validation")
 
 
 def umask_for(group: Optional[str]) -> int:
@@ -109,8 +109,10 @@ def check_run_dir(run_dir: Path) -> None:
         for key_dir in logs.iterdir():
             problems += _problems(key_dir, uid)
             if key_dir.is_dir() and not key_dir.is_symlink():
+                # Job folders (submitit runs their pickles); links in place of one are refused.
+                # submitit's own links to a job's submission script beside them are not run again.
                 for job_dir in key_dir.iterdir():
-                    if job_dir.is_dir() or job_dir.is_symlink():
+                    if job_dir.is_dir():
                         problems += _problems(job_dir, uid)
     if problems:
         raise UserError(f"run directory {run_dir} is not safe to run: " + "; ".join(problems[:5])

@@ -31,7 +31,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -47,8 +49,8 @@ from launch.executors.local import pid_alive
 from shared import schemas
 from shared.partition import ROLE_LABELS, Plan
 from shared.queue import RunDir, StageQueue
-from shared.worker import (active_steps, atomic_write_json, fault_point, is_committed_dir,
-                           load_run_config, read_json)
+from shared.worker import (FINAL_STATUSES, active_steps, atomic_write_json, fault_point,
+                           is_committed_dir, load_run_config, read_json)
 
 log = logging.getLogger("sluice.coordinator")
 ROLES = ("generation", "teacher", "training")
@@ -56,6 +58,14 @@ ROLES = ("generation", "teacher", "training")
 LOADING_GRACE_S = 1800.0
 # A job Slurm accounting has never heard of after this long counts as vanished.
 UNKNOWN_GRACE_S = 300.0
+# States in which a job that was running has been requeued (it runs again under its id).
+REQUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
+# Ends that are the scheduler's doing, never a failure (besides a stop on the pre-timeout
+# signal, which ends COMPLETED with RUN_DIR/jobs/<id>.json saying so).
+SCHEDULER_END_STATES = {"TIMEOUT", "PREEMPTED"}
+# A worker record that started this long before its job's current start is of an earlier
+# incarnation (requeueing takes Slurm two minutes, so incarnations are far apart).
+INCARNATION_SLACK_S = 30.0
 # The coordinator lock: refreshed this often, held while younger than LOCK_FRESH_S (on the
 # lock holder's own host, only while its pid lives: a killed coordinator is replaced at once).
 LOCK_BEAT_S = 5.0
@@ -77,6 +87,9 @@ def live_coordinator(root) -> Optional[dict]:
         pid = int(info.get("pid", 0))
         if pid == os.getpid() or not pid_alive(pid):
             return None
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and str(info.get("slurm_job_id")) == job and int(info.get("pid", 0)) != os.getpid():
+        return None  # our own job's previous incarnation (requeued): Slurm runs one at a time
     return info
 
 
@@ -131,6 +144,10 @@ class Coordinator:
                 self._events.write(b"\n")
         self._logged: set = set()
         self._unknown_since: Dict[str, float] = {}
+        self._running: Dict[str, str] = {}
+        """job key -> id of its job, while seen RUNNING (a later PENDING means requeued)."""
+        self._cancelled_hung: set = set()
+        """Ids of jobs this coordinator cancelled as hung: their end is a failure."""
         self._started = time.time()
         self._step_done_at: Dict[int, float] = {}
         self._last_progress = ""
@@ -352,17 +369,12 @@ class Coordinator:
                 state = self.executor.state(job)
             except J.SchedulerError:
                 state = "UNKNOWN"  # watched; judged once the scheduler answers
-            roles = list(self.units[key].roles)
             # UNKNOWN: Slurm has no accounting record yet (just submitted): watch it.
             if state in J.LIVE_STATES or state == "UNKNOWN":
                 self.jobs[key] = job
-                self.event("job_reattached", job=key, roles=roles, job_id=info["job_id"], state=state)
-            elif state != "COMPLETED":
-                broken = self._break_claims(str(job.job_id))
-                self._mark_workers_lost(str(job.job_id), state)
-                self.event("job_failed", job=key, roles=roles, job_id=info["job_id"], state=state,
-                           claims_released=broken, while_coordinator_down=True,
-                           log=str(job.paths.stderr), last_lines=J.stderr_tail(job))
+                self.event("job_reattached", job=key, roles=list(self.units[key].roles),
+                           job_id=info["job_id"], state=state)
+            elif self._judge_end(key, job, state, while_coordinator_down=True) == "failed":
                 dead.append(key)
         self._cancel_orphans()
         return dead
@@ -419,6 +431,15 @@ class Coordinator:
             self.submit(key, retry=key in dead)
 
     def _count_retry(self, key: str, last: str) -> None:
+        """A real failure of job `key`. Its budget (launch.max_retries) refills once the run
+        has trained launch.retry_refill_steps steps since its last failure."""
+        trained = self.trained_step()
+        last_at = self.state.setdefault("failed_at_step", {}).get(key)
+        if last_at is not None and trained - last_at >= self.cfg.launch.retry_refill_steps \
+                and self.state["retries"].get(key, 0):
+            self.event("retries_refilled", job=key, after_steps=trained - last_at)
+            self.state["retries"][key] = 0
+        self.state["failed_at_step"][key] = trained
         self.state["retries"][key] = self.state["retries"].get(key, 0) + 1
         if self.state["retries"][key] > self.cfg.launch.max_retries:
             roles = "+".join(self.units[key].roles)
@@ -429,16 +450,20 @@ class Coordinator:
                 f"conf={self.root / 'config.yaml'} launch.run_dir={self.root} "
                 f"(or raise launch.max_retries)")
 
-    def _mark_workers_lost(self, job_id: str, state: str) -> None:
-        """The worker records of a dead job say so (inspect shows it; placement and liveness
-        checks skip it), unless the worker recorded its own end."""
+    def _mark_workers_lost(self, job_id: str, state: str, before: Optional[float] = None) -> None:
+        """The worker records of a dead job (or, with `before`, of its incarnations that started
+        before that time) say so: inspect shows it, placement and liveness checks skip them.
+        A record of a worker that recorded its own end is left as it is."""
         for role in ROLES:
             wdir = self.rd.path("workers", role)
             for p in wdir.glob("*.json") if wdir.is_dir() else []:
                 info = read_json(p)
-                if info and str(info.get("job_id")) == job_id and info.get("status") not in ("exited", "failed", "done"):
-                    info.update(status="lost", detail=f"job {job_id} ended {state}")
-                    atomic_write_json(p, info)
+                if not info or str(info.get("job_id")) != job_id or info.get("status") in FINAL_STATUSES:
+                    continue
+                if before is not None and info.get("started", 0) >= before:
+                    continue
+                info.update(status="lost", detail=f"job {job_id} {state}")
+                atomic_write_json(p, info)
 
     def _break_claims(self, job_id: str) -> int:
         """Release the claims a dead job held, so its shards are redone now, not after the lease."""
@@ -451,6 +476,7 @@ class Coordinator:
     def watch_jobs(self) -> None:
         now = time.monotonic()
         for key, job in list(self.jobs.items()):
+            job_id = str(job.job_id)
             try:
                 state = self.executor.state(job)
             except J.SchedulerError as e:
@@ -465,27 +491,91 @@ class Coordinator:
             if state == "UNKNOWN":
                 # Slurm accounting has not seen the job yet (normal for seconds after
                 # sbatch); one it never sees (a stale id in state.json) is gone.
-                first = self._unknown_since.setdefault(str(job.job_id), now)
+                first = self._unknown_since.setdefault(job_id, now)
                 if now - first < UNKNOWN_GRACE_S:
                     continue
                 state = "VANISHED"
             else:
-                self._unknown_since.pop(str(job.job_id), None)
+                self._unknown_since.pop(job_id, None)
+            if state == "RUNNING":
+                self._running[key] = job_id
+            elif state in REQUEUED_STATES and self._running.get(key) == job_id:
+                self._requeued(key, job, state)
             if state in J.LIVE_STATES:
                 continue
             del self.jobs[key]
-            if state == "COMPLETED" and (self.state.get("phase") == "finishing" or
-                                         self.trained_step() >= self.state["total_steps"]):
-                continue  # its workers saw the run end
-            roles = list(self.units[key].roles)
-            broken = self._break_claims(str(job.job_id))
-            self._mark_workers_lost(str(job.job_id), state)
-            tail = J.stderr_tail(job)
-            self.event("job_failed", job=key, roles=roles, job_id=str(job.job_id), state=state,
-                       claims_released=broken, log=str(job.paths.stderr), last_lines=tail)
-            self._count_retry(key, f"job {job.job_id} ({key}) ended {state}. Log: "
-                                   f"{job.paths.stderr}\n--- last lines ---\n{tail}")
-            self.submit(key, retry=True)
+            self._running.pop(key, None)
+            outcome = self._judge_end(key, job, state)
+            if outcome == "failed":
+                self._count_retry(key, f"job {job_id} ({key}) ended {state}. Log: "
+                                       f"{job.paths.stderr}\n--- last lines ---\n{J.stderr_tail(job)}")
+                self.submit(key, retry=True)
+            elif outcome == "scheduler":
+                self.submit(key, retry=False)
+
+    def _judge_end(self, key: str, job, state: str, while_coordinator_down: bool = False) -> str:
+        """A job of the run ended: "done" (the run was over for it), "scheduler" (a time limit
+        or a preemption: normal life on a cluster, never a failure) or "failed". Releases its
+        claims and records what happened."""
+        job_id = str(job.job_id)
+        if state == "COMPLETED" and (self.state.get("phase") == "finishing" or
+                                     self.trained_step() >= self.state.get("total_steps", 1 << 62)):
+            return "done"  # its workers saw the run end
+        roles = list(self.units[key].roles)
+        broken = self._break_claims(job_id)
+        self._mark_workers_lost(job_id, f"ended {state}")
+        extra = {"while_coordinator_down": True} if while_coordinator_down else {}
+        end = read_json(J.job_end_path(self.root, job_id)) or {}
+        if job_id not in self._cancelled_hung and (
+                state in SCHEDULER_END_STATES or (state == "COMPLETED" and end.get("reason"))):
+            cause = "time_limit" if end.get("reason") == "time_limit" or state == "TIMEOUT" \
+                else "preempted"
+            self.event("job_" + cause, job=key, roles=roles, job_id=job_id, state=state,
+                       claims_released=broken, **extra)
+            self._went_down(key, cause, end.get("time", time.time()))
+            return "scheduler"
+        if state == "COMPLETED" and while_coordinator_down:
+            return "done"  # e.g. a worker that saw STOP of an earlier, finished coordinator
+        self.event("job_failed", job=key, roles=roles, job_id=job_id, state=state,
+                   claims_released=broken, log=str(job.paths.stderr),
+                   last_lines=J.stderr_tail(job), **extra)
+        return "failed"
+
+    def _requeued(self, key: str, job, state: str) -> None:
+        """Slurm requeued a running job (preemption, scontrol requeue): it runs again later
+        under the same id. Its workers are gone now: their claims are released and their
+        records marked, so that the next incarnation's records are the only live ones."""
+        job_id = str(job.job_id)
+        del self._running[key]
+        broken = self._break_claims(job_id)
+        self._mark_workers_lost(job_id, f"requeued ({state})")
+        self.event("job_requeued", job=key, roles=list(self.units[key].roles), job_id=job_id,
+                   state=state, claims_released=broken)
+        self._went_down(key, "requeued", time.time())
+        self.save_state()
+
+    def _went_down(self, key: str, cause: str, since: float) -> None:
+        self.state.setdefault("down", {})[key] = {"since": since, "cause": cause}
+
+    def _check_back(self, records: Dict[str, list]) -> None:
+        """A job that was down (time limit, preemption, requeue) is back once a worker of its
+        current job is past loading: the wall-clock it lost goes into events (job_back) and
+        launch.inspect."""
+        down = self.state.get("down", {})
+        for key in list(down):
+            job = self.jobs.get(key)
+            if job is None:
+                continue
+            since = down[key]["since"]
+            for recs in records.values():
+                ready = [r for r in recs if str(r.get("job_id")) == str(job.job_id)
+                         and r.get("started", 0) >= since - 1
+                         and r.get("status") not in ("starting", "loading")]
+                if ready:
+                    self.event("job_back", job=key, job_id=str(job.job_id), cause=down[key]["cause"],
+                               down_s=round(time.time() - since, 1))
+                    del down[key]
+                    break
 
     def check_workers(self) -> None:
         """Placement (no node shared by isolated roles) and liveness (hung workers), from the
@@ -495,14 +585,24 @@ class Coordinator:
         for key, job in self.jobs.items():
             for role in self.units[key].roles:
                 tracked[role][str(job.job_id)] = job
-        records = {}
+        records: Dict[str, list] = {}
         for role in ROLES:
             wdir = self.rd.path("workers", role)
             for p in wdir.glob("*.json") if wdir.is_dir() else []:
                 info = read_json(p)
-                if info and info.get("status") not in ("exited", "failed", "done", "lost") \
-                        and str(info.get("job_id")) in tracked[role]:
-                    records.setdefault(role, []).append(info)
+                if not info or info.get("status") in FINAL_STATUSES:
+                    continue
+                job = tracked[role].get(str(info.get("job_id")))
+                if job is None:
+                    continue
+                start = self.executor.started_at(job)
+                if start is not None and info.get("started", 0) < start - INCARNATION_SLACK_S:
+                    # A worker of an earlier incarnation of this (requeued) job: gone.
+                    self._mark_workers_lost(str(job.job_id), "requeued (earlier incarnation)",
+                                            before=start - INCARNATION_SLACK_S)
+                    continue
+                records.setdefault(role, []).append(info)
+        self._check_back(records)
         if self.plan.isolated:
             nodes = {r: {i["node"] for i in recs} for r, recs in records.items()}
             for a in ROLES:
@@ -524,9 +624,12 @@ class Coordinator:
                 limit = max(2 * lease, LOADING_GRACE_S) if info.get("status") in ("starting", "loading") \
                     else 2 * lease
                 job = tracked[role].get(str(info.get("job_id")))
-                if now - hb > limit and job is not None:
+                if now - hb > limit and job is not None and str(job.job_id) not in self._cancelled_hung:
+                    # The heartbeat comes from a thread of the worker's process: a stale one
+                    # means the process is gone or frozen, never just busy.
                     self.event("worker_hung", role=role, job_id=str(job.job_id), status=info.get("status"),
                                heartbeat_age_s=round(now - hb, 1))
+                    self._cancelled_hung.add(str(job.job_id))
                     self.executor.cancel(job)  # watch_jobs then sees it end and resubmits
 
     # ------------------------------------------------------------------ metrics
@@ -642,6 +745,9 @@ class Coordinator:
                 self.watch_jobs()
                 self.check_workers()
                 self.save_state()
+                if _HANDOFF.is_set():
+                    self.event("coordinator_stopping", reason="time limit of its job: handing over")
+                    return HANDED_OFF
                 time.sleep(self.poll_s)
             return self.finish()
         except RunFailed as e:
@@ -672,6 +778,62 @@ class Coordinator:
         self.event("run_finished", steps=self.state["total_steps"])
         print(text)
         return 0
+
+
+class CoordinatorJob:
+    """The coordinator as a Slurm job (what launch.run submits through submitit).
+
+    Before the job's time limit (the pre-timeout signal, USR2) the coordinator hands the run
+    over: it submits its successor, a job that depends on this one (afterany) and so starts
+    as soon as this one ends, saves its state and exits. The successor carries on from
+    RUN_DIR; the role jobs keep working meanwhile. (Requeueing the job instead would hold it
+    two minutes in Slurm's requeue delay.) A job that Slurm itself requeues (preemption,
+    scontrol requeue) resumes the same way in its next incarnation."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = str(run_dir)
+
+    def __call__(self) -> int:
+        signal.signal(signal.SIGUSR2, _request_handoff)  # instead of submitit's requeue
+        rc = main([self.run_dir])
+        if _HANDOFF.is_set() and rc == HANDED_OFF:
+            return self.submit_successor()
+        if rc != 0:  # the job shows FAILED in sacct, not COMPLETED
+            raise RuntimeError(f"the coordinator of {self.run_dir} exited with status {rc}; "
+                               "its output is above")
+        return rc
+
+    def submit_successor(self) -> int:
+        from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+        from launch.executors.slurm import submit_coordinator
+
+        job_id = os.environ.get("SLURM_JOB_ID", "")
+        rd = RunDir(self.run_dir)
+        try:
+            successor = submit_coordinator(load_run_config(rd), rd.root, CoordinatorJob(self.run_dir),
+                                           dependency=f"afterany:{job_id}" if job_id else None)
+        except (OSError, FailedJobError, FailedSubmissionError) as e:
+            # sbatch refused: fall back on Slurm's own requeue of this job.
+            log.error("[coordinator] cannot submit the next coordinator job (%s); requeueing job %s",
+                      e, job_id)
+            subprocess.run(["scontrol", "requeue", job_id], check=False)
+            return 0
+        with open(rd.path("coordinator", "events.jsonl"), "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), "event": "coordinator_handoff",
+                                "from_job": job_id, "to_job": str(successor.job_id)}) + "\n")
+        log.info("[coordinator] handed the run over to coordinator job %s (starts when job %s ends)",
+                 successor.job_id, job_id)
+        return 0
+
+
+_HANDOFF = threading.Event()
+# main()'s exit status when the coordinator stopped to hand the run over to its successor.
+HANDED_OFF = 3
+
+
+def _request_handoff(signum, frame) -> None:
+    _HANDOFF.set()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -93,11 +93,26 @@ def run_status(rd: RunDir) -> dict:
         "total_steps": state.get("total_steps"), "trained_step": state.get("trained_step", 0),
         "retries": state.get("retries", {}), "jobs": state.get("jobs", {}), "steps": steps,
         "workers": workers,
+        "restarts": restarts(events),
         "failures": [e for e in events if e["event"] in ("job_failed", "run_failed",
                                                          "placement_violation", "worker_hung",
                                                          "orphan_job_cancelled")],
         "events": events,
     }
+
+
+def restarts(events: List[dict]) -> Dict[str, dict]:
+    """Per job key: how often the scheduler ended or requeued it (time limit, preemption,
+    requeue: never failures) and the wall-clock each restart cost that job, from the end of
+    its workers to the first worker of its replacement past loading (events job_back)."""
+    out: Dict[str, dict] = {}
+    for e in events:
+        if e["event"] in ("job_time_limit", "job_preempted", "job_requeued"):
+            r = out.setdefault(e["job"], {"time_limit": 0, "preempted": 0, "requeued": 0, "down_s": []})
+            r[e["event"][len("job_"):]] += 1
+        elif e["event"] == "job_back" and e.get("job") in out:
+            out[e["job"]]["down_s"].append(e["down_s"])
+    return out
 
 
 def _size(n: int) -> str:
@@ -127,6 +142,14 @@ def print_status(st: dict) -> None:
                 notes.append(f"{stage}: {len(x['quarantined'])} quarantined")
         loss = f"{s['loss']:.4f}" if s["loss"] is not None else "-"
         print(f"{s['step']:>6}  " + "  ".join(f"{c:>14}" for c in cells) + f"  {loss:>9}  " + "; ".join(notes))
+    if st["restarts"]:
+        print("restarts by the scheduler (never failures); wall-clock lost per restart:")
+        for key, r in st["restarts"].items():
+            down = r["down_s"]
+            lost = (f"mean {sum(down) / len(down):.0f}s, max {max(down):.0f}s over {len(down)}"
+                    if down else "-")
+            print(f"  {key:<28} time limits {r['time_limit']}, preempted {r['preempted']}, "
+                  f"requeued {r['requeued']}; lost {lost}")
     if st["jobs"]:
         print("jobs:")
         for key, info in st["jobs"].items():

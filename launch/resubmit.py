@@ -28,7 +28,7 @@ from typing import List, Optional, Tuple
 from shared.errors import UserError, exit_with
 from shared.partition import Plan
 from shared.queue import RunDir, StageQueue, check_shard_index, check_step
-from shared.worker import is_committed_dir, load_run_config, read_json
+from shared.worker import FINAL_STATUSES, is_committed_dir, load_run_config, read_json
 
 OUTPUT = {"generation": ["rollouts", "scored"], "teacher": ["scored"]}
 
@@ -41,7 +41,7 @@ def live_workers(rd: RunDir, role: str, lease_s: float) -> List[dict]:
     out = []
     for p in wdir.glob("*.json") if wdir.is_dir() else []:
         info = read_json(p)
-        if info and info.get("status") not in ("exited", "failed") and now - info.get("heartbeat", 0) < lease_s:
+        if info and info.get("status") not in FINAL_STATUSES and now - info.get("heartbeat", 0) < lease_s:
             out.append(info)
     return out
 

@@ -148,10 +148,10 @@ def start(conf: str, cfg, node, plan) -> int:
     log_dir = run_dir / "logs" / "coordinator"
     log_dir.mkdir(parents=True, exist_ok=True)
     if executor == "slurm":
-        from launch.coordinator import main as coordinator_main
+        from launch.coordinator import CoordinatorJob
         from launch.executors.slurm import submit_coordinator
 
-        job = submit_coordinator(cfg, run_dir, coordinator_main, [str(run_dir)])
+        job = submit_coordinator(cfg, run_dir, CoordinatorJob(str(run_dir)))
         print(f"Coordinator: Slurm job {job.job_id}\n{watch.replace('coordinator/coordinator.log', f'coordinator/{job.job_id}/{job.job_id}_0_log.out')}")
         return 0
     with open(log_dir / "coordinator.log", "ab") as out:

@@ -478,8 +478,10 @@ class CoordinatorJobConfig:
     """Slurm account. null: cluster.account."""
     qos: Optional[str] = None
     """Slurm QOS. null: none (cluster.qos usually belongs to the GPU partition)."""
-    time_limit: str = "1-00:00:00"
-    """Time limit of the coordinator job (HH:MM:SS or D-HH:MM:SS)."""
+    time_limit: str = "04:00:00"
+    """Time limit of the coordinator job (HH:MM:SS or D-HH:MM:SS). Before it, the coordinator
+    requeues its own job and carries on from RUN_DIR, so any limit works; 4 hours fits the
+    partitions of most clusters."""
     cpus: int = 2
     """CPUs of the coordinator job (it tokenizes the data and checks answers)."""
     mem_gb: Optional[int] = 16
@@ -502,7 +504,12 @@ class ClusterConfig:
     qos: Optional[str] = None
     """Slurm QOS of the role jobs."""
     time_limit: str = "04:00:00"
-    """Time limit of each role job (HH:MM:SS or D-HH:MM:SS)."""
+    """Time limit of each role job (HH:MM:SS or D-HH:MM:SS). A run outlives any number of
+    them: before the limit the job's workers stop cleanly and the coordinator submits its
+    replacement (README: time limits and preemption)."""
+    signal_delay_s: int = 300
+    """Seconds before a job's time limit at which Slurm signals it to stop (--signal=USR2@N):
+    enough for the trainer to finish or drop its step and save a checkpoint."""
     cpus_per_gpu: int = 8
     """CPUs requested per GPU; a job's CPUs on a node are split evenly between its tasks
     (and passed to srun explicitly)."""
@@ -548,7 +555,11 @@ class LaunchConfig:
     detach: bool = True
     """Run the coordinator as its own job (Slurm) or background process (local)."""
     max_retries: int = 3
-    """Resubmissions allowed per role job before the run stops."""
+    """Failures allowed per job before the run stops. Time limits, preemption and requeues
+    never count; the count starts again after launch.retry_refill_steps trained steps without
+    a failure of that job."""
+    retry_refill_steps: int = 10
+    """Trained steps after a job's last failure that give it back its full launch.max_retries."""
     share_group: Optional[str] = None
     """Unix group that may read (never write) the run directory. null: the run directory is
     private to its owner (mode 700). Whoever can write to it can run code as you (submitit

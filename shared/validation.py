@@ -321,6 +321,12 @@ def validate(cfg: SluiceConfig, check_models: bool = False) -> Plan:
     return plan
 
 
+def _minutes(limit: str) -> int:
+    from shared.slurm_time import minutes
+
+    return minutes(limit)
+
+
 _SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
 _SLURM_WORD = re.compile(r"[^\s'\"\\]+")
 
@@ -353,6 +359,16 @@ def _check_cluster(cfg: SluiceConfig) -> None:
         raise config_error("cluster.gpu_type", value=cl.gpu_type,
                            problem="is the GPU type alone (Sluice adds gpu: and the count)",
                            fix="e.g. cluster.gpu_type=a100 for --gres=gpu:a100:4")
+    limit_s = 60 * _minutes(cl.time_limit)
+    if not 10 <= cl.signal_delay_s < limit_s:
+        raise config_error("cluster.signal_delay_s", value=cl.signal_delay_s,
+                           problem=f"must be at least 10 and less than cluster.time_limit "
+                           f"({cl.time_limit} = {limit_s}s): it is how long before the limit "
+                           "the workers are told to stop",
+                           fix="lower cluster.signal_delay_s or raise cluster.time_limit")
+    if cfg.launch.retry_refill_steps < 1:
+        raise config_error("launch.retry_refill_steps", value=cfg.launch.retry_refill_steps,
+                           problem="must be at least 1", fix="set launch.retry_refill_steps>=1")
     for key, value in (("cluster.cpus_per_gpu", cl.cpus_per_gpu),
                        ("cluster.coordinator.cpus", cl.coordinator.cpus)):
         if value < 1:

@@ -5,10 +5,14 @@ Files this module reads and writes in RUN_DIR:
 
     config.yaml                          the resolved config, frozen at launch (no secrets)
     coordinator/STOP                     exists once the run is finished or stopped: workers exit
-    workers/<role>/<job>_<task>.json     one per live worker: {"role", "job_id", "task_id",
-                                         "host", "node", "pid", "gpus", "started", "heartbeat",
-                                         "status", "detail"}; the coordinator checks placement
-                                         and liveness from these
+    workers/<role>/<job>_<task>_<pid>.json
+                                         one per worker: {"role", "job_id", "task_id", "host",
+                                         "node", "pid", "gpus", "started", "incarnation",
+                                         "heartbeat", "status", "detail"}; the coordinator
+                                         checks placement and liveness from these. status:
+                                         starting, loading, waiting, working states, then
+                                         exited / done / stopped / failed (or "lost", set by
+                                         the coordinator when the job died)
     weights/<step:06d>/                  student weights after training step <step> (HF format);
                                          committed by renaming a finished temp dir, and holding
                                          COMMITTED.json (written last inside the temp dir)
@@ -17,11 +21,15 @@ Files this module reads and writes in RUN_DIR:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -31,6 +39,9 @@ from shared.config import SluiceConfig, register
 from shared.queue import Owner, RunDir, _atomic_write_bytes, _fsync_dir, _json_bytes
 
 COMMITTED = "COMMITTED.json"
+# A worker record with one of these statuses is of a worker that is gone.
+FINAL_STATUSES = ("exited", "done", "stopped", "failed", "lost")
+log = logging.getLogger("sluice.worker")
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -62,8 +73,24 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
+class StopRequested(Exception):
+    """A graceful stop (SIGTERM: the pre-timeout signal passed on by the job's task, scancel,
+    preemption) arrived while the worker was inside an interruptible section."""
+
+
 class Worker:
-    """A role's worker process: registers itself, heartbeats, and watches for STOP."""
+    """A role's worker process: registers itself, heartbeats, and watches for STOP.
+
+    The record's heartbeat is refreshed by a background thread every `beat_every_s` for as
+    long as the process lives, so a worker busy in one long call (a generate, an optimizer
+    batch over 32k tokens, a checkpoint save) never looks dead; `status` and `detail` say
+    what it is doing. `incarnation` is Slurm's restart count of the job (a requeued job runs
+    again under the same id): a record of an earlier incarnation is stale.
+
+    Graceful stop: after `install_stop_handler()`, SIGTERM makes `should_stop()` true and,
+    inside `with worker.interruptible():`, raises StopRequested at once, so that a long
+    generate or forward is abandoned; `with claim:` blocks release their claims on the way
+    out, and the stage ends with status "stopped"."""
 
     def __init__(self, run_dir, role: str, beat_every_s: float = 5.0):
         self.rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
@@ -75,32 +102,75 @@ class Worker:
         self.record_path = self.rd.path("workers", role, f"{job}_{task}_{self.owner.pid}.json")
         self.beat_every_s = beat_every_s
         self._last_beat = 0.0
+        self._lock = threading.Lock()
+        self.stop_signal: Optional[str] = None
+        self._interruptible = 0
         self.info = {
             "role": role, "job_id": self.owner.job_id, "task_id": self.owner.task_id,
             "host": socket.gethostname(), "node": node_name(), "pid": self.owner.pid,
             "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": time.time(),
+            "incarnation": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
             "status": "starting", "detail": "",
         }
         self.beat("starting", force=True)
+        self._beats_done = threading.Event()
+        threading.Thread(target=self._beat_loop, name="worker-heartbeat", daemon=True).start()
+
+    def _beat_loop(self) -> None:
+        while not self._beats_done.wait(self.beat_every_s):
+            self.beat(force=True)
 
     def beat(self, status: Optional[str] = None, detail: Optional[str] = None, force: bool = False) -> None:
-        now = time.time()
-        if status is not None:
-            force = force or status != self.info["status"]
-            self.info["status"] = status
-        if detail is not None:
-            self.info["detail"] = detail
-        if force or now - self._last_beat >= self.beat_every_s:
-            self.info["heartbeat"] = now
-            atomic_write_json(self.record_path, self.info)
-            self._last_beat = now
+        with self._lock:
+            now = time.time()
+            if status is not None:
+                force = force or status != self.info["status"]
+                self.info["status"] = status
+            if detail is not None:
+                self.info["detail"] = detail
+            if force or now - self._last_beat >= self.beat_every_s:
+                self.info["heartbeat"] = now
+                atomic_write_json(self.record_path, self.info)
+                self._last_beat = now
+
+    # -- graceful stop
+
+    def install_stop_handler(self) -> None:
+        """SIGTERM asks this worker to stop (call from the main thread)."""
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        first = self.stop_signal is None
+        self.stop_signal = signal.Signals(signum).name
+        if first:
+            log.info("%s worker: %s, stopping", self.role, self.stop_signal)
+        if self._interruptible:
+            raise StopRequested(self.stop_signal)
+
+    @contextmanager
+    def interruptible(self):
+        """A section a graceful stop may abandon at once (raises StopRequested)."""
+        if self.stop_signal is not None:
+            raise StopRequested(self.stop_signal)
+        self._interruptible += 1
+        try:
+            yield
+        finally:
+            self._interruptible -= 1
 
     def should_stop(self) -> bool:
+        if self.stop_signal is not None:
+            return True
         # A one-shot task (launch.resubmit --step N sets SLUICE_ONE_SHOT_STEP) redoes its step even on a finished run.
         return self.rd.path("coordinator", "STOP").exists() and not os.environ.get("SLUICE_ONE_SHOT_STEP")
 
     def finish(self, status: str = "exited") -> None:
-        self.beat(status, force=True)
+        """The worker's last word: `status` (exited, done, stopped), then no more heartbeats."""
+        if status == "exited" and self.stop_signal is not None:
+            status = "stopped"
+        self.beat(status, f"on {self.stop_signal}" if status == "stopped" and self.stop_signal
+                  else None, force=True)
+        self._beats_done.set()
 
 
 def active_steps(rd: RunDir, stage: str):
@@ -171,9 +241,23 @@ def latest_weights(rd: RunDir, at_most: Optional[int] = None) -> Tuple[int, Opti
 def fault_point(name: str, step: int) -> None:
     """Fault injection for tests: SLUICE_FAULTS="checkpoint_save:2" SIGKILLs this process when
     it reaches the point `checkpoint_save` at step 2 (a real kill at an exact place, e.g. after
-    a checkpoint's data is written and before it is committed). Unset in production."""
+    a checkpoint's data is written and before it is committed); "optimizer_batch:2:sleep=30"
+    makes it sleep 30 s there instead (a worker busy in one long call), only the first time
+    in a run when SLUICE_FAULTS_DIR names a directory. Unset in production."""
     spec = os.environ.get("SLUICE_FAULTS")
-    if spec and f"{name}:{step}" in spec.split(","):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not spec:
+        return
+    for item in spec.split(","):
+        parts = item.split(":")
+        if parts[:2] != [name, str(step)]:
+            continue
+        if len(parts) == 3 and parts[2].startswith("sleep="):
+            once = os.environ.get("SLUICE_FAULTS_DIR")  # set: each sleep happens once per run
+            if once:
+                try:
+                    os.close(os.open(Path(once, f"{name}-{step}"), os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    continue
+            time.sleep(float(parts[2][len("sleep="):]))
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)

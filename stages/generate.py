@@ -59,7 +59,6 @@ import argparse
 import hashlib
 import logging
 import os
-import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -72,8 +71,8 @@ from shared.config import SluiceConfig
 from shared.models import ensure_model
 from shared.queue import ClaimLostError, CorruptShardError, RunDir, StageQueue
 from shared.schemas import build_table
-from shared.worker import (COMMITTED, Worker, active_steps, is_committed_dir, latest_weights,
-                           read_json, weights_path)
+from shared.worker import (COMMITTED, StopRequested, Worker, active_steps, fault_point,
+                           is_committed_dir, latest_weights, read_json, weights_path)
 
 log = logging.getLogger("sluice.generate")
 
@@ -316,21 +315,11 @@ def pick_weights(rd: RunDir, step: int, max_staleness: int) -> Optional[Tuple[in
 
 @contextmanager
 def _beating(worker: Worker, status: str, detail: str):
-    """Keep the worker record fresh during a long call (one generate can take minutes)."""
+    """Say what a long call does (one generate can take minutes; the worker's own thread keeps
+    the heartbeat fresh), and let a graceful stop abandon it."""
     worker.beat(status, detail, force=True)
-    done = threading.Event()
-
-    def loop() -> None:
-        while not done.wait(worker.beat_every_s):
-            worker.beat(force=True)
-
-    thread = threading.Thread(target=loop, name="worker-beat", daemon=True)
-    thread.start()
-    try:
+    with worker.interruptible():
         yield
-    finally:
-        done.set()
-        thread.join()
 
 
 class _GenerationWorker:
@@ -446,6 +435,7 @@ class _GenerationWorker:
             return False
         with _beating(self.worker, "validating" if validation else "generating",
                       f"{what} shard {index} ({table.num_rows} prompts, weights v{version})"):
+            fault_point("generate_shard", step)  # tests: a generate that takes very long
             t0 = time.perf_counter()
             out = generate_shard(self.gen, table, version,
                                  batch_size=self.cfg.distillation.val_batch_size if validation else None)
@@ -481,7 +471,9 @@ def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
     """
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     worker = Worker(rd, ROLE)
+    worker.install_stop_handler()
     cfg = worker.cfg
+    loop = None
     try:
         base_path = resolve_model(cfg.policy.model_name)
         worker.beat("starting", f"vLLM engine on {base_path}", force=True)
@@ -514,12 +506,14 @@ def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
                 if not worked:
                     worker.beat("waiting", detail)
                     time.sleep(cfg.queue.poll_s)
+    except StopRequested:
+        log.info("stopped on %s; claims released", worker.stop_signal)
     except BaseException as e:
         summary = "".join(traceback.format_exception_only(type(e), e)).strip()
         worker.beat("failed", detail=f"{summary}\n{traceback.format_exc(limit=-3)}", force=True)
         raise
     worker.finish()
-    return loop.committed
+    return loop.committed if loop is not None else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -54,6 +54,7 @@ import heapq
 import io
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -70,7 +71,7 @@ from shared import schemas
 from shared.config import SluiceConfig
 from shared.models import ensure_model
 from shared.queue import ClaimLostError, CorruptShardError, Owner, RunDir, StageQueue
-from shared.worker import Worker, active_steps, load_run_config
+from shared.worker import StopRequested, Worker, active_steps, fault_point, load_run_config
 
 log = logging.getLogger("sluice.score")
 
@@ -579,22 +580,39 @@ def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
     try:
         if rank == 0:
             worker = Worker(run_dir, "teacher")
+            worker.install_stop_handler()
             try:
                 return _lead(run_dir, worker, step, once)
+            except StopRequested:
+                # Mid-shard: its claim was released on the way out; the other ranks, stopped
+                # by the same signal, are not waiting for a message.
+                log.info("stopped on %s; claims released", worker.stop_signal)
+                worker.finish("stopped")
+                return 0
             except BaseException:
                 worker.beat("failed", detail=traceback.format_exc(limit=8)[-2000:], force=True)
                 raise
-        _follow(run_dir)
+        signal.signal(signal.SIGTERM, _raise_stop)
+        try:
+            _follow(run_dir)
+        except StopRequested:
+            pass
         return 0
     finally:
         if we_initialised:
             dist.destroy_process_group()
 
 
+def _raise_stop(signum, frame) -> None:
+    """Ranks > 0 on SIGTERM: they hold no claims; stop at once."""
+    raise StopRequested(signal.Signals(signum).name)
+
+
 def _lead(run_dir, worker: Worker, step: Optional[int], once: bool) -> int:
     cfg = worker.cfg
     worker.beat("loading", detail=f"teacher {cfg.teacher.model_name}")
-    teacher = load_teacher(cfg)
+    with worker.interruptible():
+        teacher = load_teacher(cfg)
     builder = context_builder(cfg)
     leader = _Leader(run_dir, cfg, worker, step)
     while True:
@@ -622,8 +640,10 @@ def _lead(run_dir, worker: Worker, step: Optional[int], once: bool) -> int:
             _broadcast(_table_bytes(rollouts))
             worker.beat("scoring", detail=where, force=True)
             started = time.perf_counter()
-            table, extra = score_table(teacher, rollouts, builder, progress=lambda done, total: worker.beat(
-                "scoring", detail=f"{where}: {done}/{total} tokens"))
+            with worker.interruptible():
+                fault_point("score_shard", scored_q.step)  # tests: a forward that takes very long
+                table, extra = score_table(teacher, rollouts, builder, progress=lambda done, total: worker.beat(
+                    "scoring", detail=f"{where}: {done}/{total} tokens"))
             score_s = time.perf_counter() - started
             extra.update({"score_s": round(score_s, 3), "tokens": _teacher_tokens(table),
                           "dropped_samples": int(pc.sum(pc.equal(table.column("sample_mask"), 0)).as_py())})

@@ -116,6 +116,9 @@ MAX_SILENCE_S = 30.0
 # Long enough for rank 0 to gather and write a large model while the others wait.
 PG_TIMEOUT = datetime.timedelta(minutes=30)
 MAX_SHARD_BYTES = 5 * 1024**3  # per safetensors file, as HF does
+# Slurm sends the pre-timeout signal up to this much before the time it was asked for (its
+# periodic check): the trainer plans as if it came this early.
+SIGNAL_SLACK_S = 60.0
 DEFAULT_LOSS_CHUNK = 256
 # Per-optimizer-batch sums reduced over ranks (the first five come from distillation_loss).
 METRICS = ("loss_sum", "forward_kl_sum", "reverse_kl_sum", "student_topk_mass_sum", "valid_tokens",
@@ -437,6 +440,8 @@ class Trainer:
         self.step = 0  # last completed step (0: the base model)
         self.optimizer_steps = 0
         self.checkpointed_step = 0
+        self.step_s = 0.0  # wall-clock of a recent step (the longest of the last and a decay)
+        self.save_s = 0.0  # wall-clock of the last checkpoint save
         config = self.model.config
         self.pad_id = next((i for i in (config.pad_token_id, config.eos_token_id) if isinstance(i, int)), 0)
         self.export_dtype = _stored_dtype(self.base_dir)
@@ -510,18 +515,31 @@ class Trainer:
     def _stop_requested(self) -> bool:
         return _SIGTERM["received"] or (self.worker is not None and self.worker.should_stop())
 
-    def _await_shards(self, q: StageQueue, step: int, next_index: int, tables: dict) -> dict:
+    def _await_shards(self, q: StageQueue, step: int, next_index: int, tables: dict,
+                      dirty: bool = False) -> dict:
         """Rank 0 waits for the shards from `next_index` on to be committed and verifies them
         (into `tables`); every rank gets {"stop"} or {"expected", "shards": [(index, checksum)]}
-        (possibly empty: a keep-alive)."""
+        (possibly empty: a keep-alive).
+
+        On a stop request (SIGTERM, STOP) the step is given up, unless it is `dirty` (some of
+        its optimizer steps ran) and all its remaining shards are already committed: then it is
+        finished, so that the stop saves a checkpoint of it instead of dropping its updates and
+        redoing the steps since the last checkpoint."""
         msg = None
         if self.d.rank == 0:
             deadline = time.monotonic() + MAX_SILENCE_S
             while msg is None:
-                if self._stop_requested():
-                    msg = {"stop": True}
-                    break
                 expected, committed = q.expected(), q.committed()
+                if self._stop_requested():
+                    finishable = dirty and expected is not None and all(
+                        i in committed for i in range(next_index, expected))
+                    if not finishable:
+                        msg = {"stop": True}
+                        break
+                    if not getattr(self, "_finishing_logged", False):
+                        log.info("stop requested during step %d: its remaining shards are all "
+                                 "committed, finishing it first", step)
+                        self._finishing_logged = True
                 ready, i = [], next_index
                 while i in committed and (expected is None or i < expected):
                     try:
@@ -534,6 +552,8 @@ class Trainer:
                     i += 1
                 if ready or time.monotonic() > deadline:
                     msg = {"stop": False, "expected": expected, "shards": ready}
+                elif self._stop_requested():
+                    msg = {"stop": True}  # a committed shard turned out unreadable: give up
                 else:
                     if self.worker is not None:
                         self.worker.beat("waiting", f"step {step}: {next_index}/{expected or '?'} "
@@ -552,7 +572,7 @@ class Trainer:
         next_index, rows_read, wait_s, read_s, train_s = 0, 0, 0.0, 0.0, 0.0
         while True:
             t0 = time.monotonic()
-            msg = self._await_shards(q, step, next_index, tables)
+            msg = self._await_shards(q, step, next_index, tables, dirty=bool(results))
             wait_s += time.monotonic() - t0
             if msg["stop"]:
                 raise StepStopped(dirty=bool(results))
@@ -573,6 +593,7 @@ class Trainer:
                 batch, buffered = buffered[:batch_size], buffered[batch_size:]
                 if self.worker is not None:
                     self.worker.beat("training", f"step {step}: optimizer batch {len(results) + 1}")
+                fault_point("optimizer_batch", step)  # tests: a batch that takes very long
                 t0 = time.monotonic()
                 results.append(self.train_optimizer_batch(batch))
                 train_s += time.monotonic() - t0
@@ -626,9 +647,21 @@ class Trainer:
     def checkpoint_dir(self, step: int) -> Path:
         return self.rd.path("checkpoints", f"{step:06d}")
 
+    def checkpoint_ahead_of_stop(self, stop_at: Optional[float]) -> bool:
+        """Before a step: will the job's stop (the pre-timeout signal, expected at `stop_at`)
+        likely come during it? Then the state of the last completed step is saved now, so
+        that a step the stop interrupts costs only itself, never the steps since the last
+        periodic checkpoint. Decided on rank 0 (clocks differ), the same on every rank."""
+        due = False
+        if self.d.rank == 0 and stop_at is not None and self.cfg.checkpointing.enabled \
+                and self.step > self.checkpointed_step:
+            due = time.time() + 1.5 * self.step_s + self.save_s >= stop_at
+        return bool(_broadcast(due, self.d))
+
     def save_checkpoint(self) -> None:
         """All ranks write their shards of the current state into one temp dir; rank 0
         publishes it once every rank is done."""
+        started = time.monotonic()
         final = self.checkpoint_dir(self.step)
         tmp = _broadcast(str(temp_dir_for(final)) if self.d.rank == 0 else None, self.d)
         dcp.save({"train": self.state}, checkpoint_id=tmp)
@@ -639,6 +672,7 @@ class Trainer:
                                           "world_size": self.d.world, "format": "torch-dcp"})
             self._prune_checkpoints()
         self.checkpointed_step = self.step
+        self.save_s = time.monotonic() - started
 
     def _prune_checkpoints(self) -> None:
         ck = self.cfg.checkpointing
@@ -780,6 +814,15 @@ def write_hf_checkpoint(state: dict, out_dir: Path, base_dir: Path, dtype: torch
 # ---------------------------------------------------------------------------- entry points
 
 
+def job_stop_time(cfg: SluiceConfig) -> Optional[float]:
+    """When the job's pre-timeout signal may come (its end time, SLUICE_JOB_END_TIME, set by
+    the job's task, less cluster.signal_delay_s and Slurm's slack), or None if unknown."""
+    end = os.environ.get("SLUICE_JOB_END_TIME")
+    if not end:
+        return None
+    return float(end) - cfg.cluster.signal_delay_s - SIGNAL_SLACK_S
+
+
 def run(run_dir, step: Optional[int] = None) -> int:
     """The training worker: resume, train steps until max_num_steps/STOP/SIGTERM (or exactly
     `step`), publish after each. Returns the last completed step."""
@@ -796,7 +839,14 @@ def run(run_dir, step: Optional[int] = None) -> int:
             log.warning("--step %d starts from step %d's state (newest checkpoint before it)",
                         step, start)
         steps = [step] if step is not None else range(start + 1, cfg.distillation.max_num_steps + 1)
+        stop_at = job_stop_time(cfg)
         for t in steps:
+            if trainer.checkpoint_ahead_of_stop(stop_at):
+                if d.rank == 0:
+                    log.info("the job's time limit is near: checkpointing step %d before step %d",
+                             trainer.step, t)
+                trainer.save_checkpoint()
+            started = time.monotonic()
             try:
                 result = trainer.train_step(t)
             except StepStopped as e:
@@ -807,8 +857,9 @@ def run(run_dir, step: Optional[int] = None) -> int:
                     trainer.save_checkpoint()  # final checkpoint of the last completed step
                 break
             trainer.finish_step(result)
+            trainer.step_s = max(time.monotonic() - started, 0.7 * trainer.step_s)
         if worker is not None:
-            worker.finish("exited")
+            worker.finish("stopped" if _SIGTERM["received"] else "exited")
         return trainer.step
     except BaseException as e:
         if worker is not None:

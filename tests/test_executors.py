@@ -153,7 +153,7 @@ def test_role_job_params_whole_nodes_by_default():
     assert p["exclusive"] is True and p["mem"] == "0"
     assert p["nodes"] == 1 and p["ntasks_per_node"] == 4 and p["gres"] == "gpu:4"
     assert p["cpus_per_task"] == 8 and p["srun_args"] == ["--cpus-per-task=8", "--kill-on-bad-exit=1"]
-    assert p["signal_delay_s"] == 120 and p["time"] == 240 and p["wckey"] is None
+    assert p["signal_delay_s"] == 300 and p["time"] == 240 and p["wckey"] is None
     assert "additional_parameters" not in p
 
 
@@ -179,6 +179,7 @@ def test_coordinator_params_are_its_own():
     p = coordinator_params(cfg, "c")
     assert p["partition"] == "batch" and p["account"] == "proj" and "qos" not in p
     assert p["time"] == 720 and p["mem"] == "16G" and p["cpus_per_task"] == 2
+    assert p["signal_delay_s"] == 90  # the coordinator requeues itself: little to do
     assert p["nodes"] == 1 and "gres" not in p and "exclusive" not in p
     cfg = _cfg("qwen3-32b-4b-isolated", "cluster.partition=booster")
     assert "partition" not in coordinator_params(cfg, "c")  # the cluster's default, not the GPU one
@@ -244,8 +245,16 @@ def test_run_dir_is_private_and_checked(tmp_path):
     with pytest.raises(UserError, match=r"config.yaml is writable by group and others"):
         access.check_run_dir(run_dir)
     os.chmod(run_dir / "config.yaml", 0o600)
+    # submitit links each submission script beside the job folders: fine.
+    (run_dir / "logs" / "training-n0" / ".submission_file_x.sh").symlink_to(
+        run_dir / "logs" / "training-n0" / "123" / "123_submission.sh")
+    access.check_run_dir(run_dir)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    (run_dir / "logs" / "training-n0" / "124").symlink_to(elsewhere)
+    with pytest.raises(UserError, match=r"training-n0/124 is a symbolic link"):
+        access.check_run_dir(run_dir)
+    (run_dir / "logs" / "training-n0" / "124").unlink()
     (run_dir / "logs" / "teacher-n1").symlink_to(elsewhere)
     with pytest.raises(UserError, match=r"teacher-n1 is a symbolic link"):
         access.check_run_dir(run_dir)

@@ -12,7 +12,10 @@ binds it to its own GPUs (CUDA_VISIBLE_DEVICES) and starts the worker as a child
 
 The coordinator never imports torch or vLLM: the child process does. A worker that fails
 ends its whole job (the job is the unit that is resubmitted): srun --kill-on-bad-exit on
-Slurm, the task stopping its siblings under the local executor.
+Slurm, the task stopping its siblings under the local executor. Slurm's pre-timeout signal
+(USR2) and SIGTERM make every task stop its worker cleanly (SIGTERM to the stage processes:
+claims released, the trainer checkpoints), record why in RUN_DIR/jobs/<job id>.json and end
+normally; the coordinator then submits the job's replacement without counting a failure.
 
 Executors (`local.LocalExecutor`, `slurm.SlurmExecutor`) submit, watch, find and cancel
 jobs behind one small interface (`Executor`); the coordinator only talks to that.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from shared.partition import JobPlan, WorkerPlan
+from shared.slurm_time import minutes
 
 ROLE_MODULE = {"generation": "stages.generate", "teacher": "stages.score", "training": "stages.train"}
 # Job states after which a job is gone for good (first word of sacct's state).
@@ -52,14 +57,37 @@ class SchedulerError(RuntimeError):
     jobs this round, and nothing may be concluded from that."""
 
 
-def _die_with_parent() -> None:
-    """preexec_fn of the worker: SIGKILL it when the task process dies (Linux), so a killed
-    task (local cancel, a crashed submitit process) never leaves an orphan worker that goes
-    on claiming and committing shards beside its replacement."""
+def _worker_preexec() -> None:
+    """preexec_fn of the worker.
+
+    SIGKILL it when the task process dies (Linux), so a killed task (local cancel, a crashed
+    submitit process) never leaves an orphan worker that goes on claiming and committing
+    shards beside its replacement.
+
+    Ignore SIGUSR2 in it and in everything it starts (torchrun's ranks, vLLM's engine
+    processes inherit the disposition). Slurm sends the pre-timeout signal to every process
+    of the job step, and a process without a handler dies of it at once. The task process
+    alone handles it, by asking the worker to stop (SIGTERM)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def child_pids(pid: int) -> List[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def job_end_path(run_dir, job_id: str) -> Path:
+    """RUN_DIR/jobs/<job id>.json: why a job's workers were told to stop, written by its
+    tasks when the signal arrives: {"job_id", "job", "reason": "time_limit" (the pre-timeout
+    signal) or "sigterm" (scancel, preemption), "time", "incarnation"}."""
+    return Path(run_dir) / "jobs" / f"{job_id}.json"
 
 
 def rdzv_port(job_id: str) -> int:
@@ -118,7 +146,7 @@ class UnitTask:
     step: Optional[int] = None
     """Process only this step, then exit (launch.resubmit on a finished run)."""
     _child: Optional[subprocess.Popen] = field(default=None, repr=False, compare=False)
-    _stopping: bool = field(default=False, repr=False, compare=False)
+    _stop_reason: Optional[str] = field(default=None, repr=False, compare=False)
 
     def my_worker(self, node: int, local_rank: int) -> Optional[WorkerPlan]:
         """The worker of Slurm task (SLURM_NODEID, SLURM_LOCALID); the local executor runs all
@@ -140,16 +168,30 @@ class UnitTask:
             host = out.stdout.split()[0]
         return LaunchContext(job_id, host, port)
 
+    def end_time(self) -> Optional[float]:
+        """When this job reaches its time limit (epoch seconds), if it can be known: the
+        trainer checkpoints ahead of the stop with it."""
+        if self.local:
+            timeout = os.environ.get("SUBMITIT_LOCAL_TIMEOUT_S")
+            return time.time() + float(timeout) if timeout else None
+        try:
+            out = subprocess.run(["squeue", "-h", "-j", self._job_id, "-o", "%e"], capture_output=True,
+                                 text=True, timeout=60)
+            return time.mktime(time.strptime(out.stdout.strip(), "%Y-%m-%dT%H:%M:%S"))
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            return None
+
     def __call__(self) -> int:
         import submitit
 
         jenv = submitit.JobEnvironment()
+        self._job_id = str(jenv.job_id)
         w = self.my_worker(jenv.node, jenv.local_rank)
         if w is None:  # a spare task slot on a node with fewer workers than others
             print(f"[sluice {self.unit.key}] task {jenv.global_rank}: no worker here", flush=True)
             return 0
         env = dict(os.environ)
-        env["SLUICE_JOB_ID"] = str(jenv.job_id)
+        env["SLUICE_JOB_ID"] = self._job_id
         env["SLUICE_TASK_ID"] = str(w.task)
         env["SLUICE_ROLE"] = w.role
         env["SLUICE_JOB_KEY"] = self.unit.key
@@ -157,64 +199,74 @@ class UnitTask:
         env["CUDA_VISIBLE_DEVICES"] = visible_devices(indices, os.environ.get("CUDA_VISIBLE_DEVICES"))
         if self.step is not None:
             env[ONE_SHOT_ENV] = str(self.step)
-        cmd = worker_command(w, self.run_dir, self.context(str(jenv.job_id)), self.step)
+        end = self.end_time()
+        if end is not None:
+            env["SLUICE_JOB_END_TIME"] = str(end)
+        cmd = worker_command(w, self.run_dir, self.context(self._job_id), self.step)
         print(f"[sluice {w.role} task {w.task} node_rank {w.node_rank}] "
               f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} {' '.join(cmd)}", flush=True)
-        # SIGTERM (scancel, a failed sibling under the local executor): pass it on to the worker,
-        # which releases its claims and exits. (submitit itself ignores SIGTERM.)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._child = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        self._worker = w
+        # Both signals ask the worker to stop cleanly: the pre-timeout signal (USR2; this
+        # replaces submitit's requeue: the coordinator submits the job's replacement) and
+        # SIGTERM (scancel, preemption, a failed sibling under the local executor; submitit
+        # itself would ignore it).
+        signal.signal(signal.SIGUSR2, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        self._child = subprocess.Popen(cmd, env=env, preexec_fn=_worker_preexec)
         rc = self._child.wait()
-        if rc != 0 or self._stopping:
+        if self._stop_reason is not None:
+            print(f"[sluice {w.role} task {w.task}] worker stopped on {self._stop_reason} "
+                  f"(exit {rc})", flush=True)
+            return 0
+        if rc != 0:
             why = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
-            if self.local and not self._stopping and len(self.unit.workers) > 1:
+            if self.local and len(self.unit.workers) > 1:
                 # srun --kill-on-bad-exit does this on Slurm: the job ends, and is resubmitted whole.
                 os.kill(os.getppid(), signal.SIGTERM)
             raise RuntimeError(f"sluice {w.role} worker (task {w.task}, job {jenv.job_id}) ended "
-                               f"with {why}{' after SIGTERM' if self._stopping else ''}; its output "
-                               "is above")
+                               f"with {why}; its output is above")
         return rc
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._stopping = True
-        child = self._child
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+    def _on_signal(self, signum, frame) -> None:
+        reason = "time_limit" if signum == signal.SIGUSR2 else "sigterm"
+        if self._stop_reason is not None:
+            return
+        self._stop_reason = reason
+        end = {"job_id": self._job_id, "job": self.unit.key, "reason": reason, "time": time.time(),
+               "incarnation": int(os.environ.get("SLURM_RESTART_COUNT") or 0)}
+        try:
+            path = job_end_path(self.run_dir, self._job_id)
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(end))
+            os.replace(tmp, path)
+        except OSError as e:
+            print(f"[sluice {self.unit.key}] cannot record the stop ({e})", file=sys.stderr, flush=True)
+        self._stop_worker()
 
-    def checkpoint(self, *args, **kwargs):
-        """Slurm's pre-timeout signal: stop the worker cleanly, then requeue the job."""
-        import submitit
-
+    def _stop_worker(self) -> None:
+        """SIGTERM to the worker's stage processes: the worker itself, or torchrun's ranks (not
+        torchrun: it would SIGKILL its ranks 30 s later, before a checkpoint is saved)."""
         child = self._child
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+        if child is None or child.poll() is not None:
+            return
+        targets = child_pids(child.pid) if self._worker.multiprocess else []
+        for pid in targets or [child.pid]:
             try:
-                child.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        return submitit.helpers.DelayedSubmission(UnitTask(self.run_dir, self.unit, self.local, self.step))
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_child"] = None  # a Popen does not travel
-        state["_stopping"] = False
+        state["_stop_reason"] = None
         return state
 
 
 def time_limit_min(limit: str) -> int:
     """Slurm time 'D-HH:MM:SS', 'HH:MM:SS', 'MM:SS' or 'MM' in whole minutes (rounded up)."""
-    days = 0
-    if "-" in limit:
-        d, limit = limit.split("-", 1)
-        days = int(d)
-    parts = [int(p) for p in limit.split(":")]
-    if len(parts) == 1:
-        h, m, s = (0, parts[0], 0) if not days else (parts[0], 0, 0)
-    elif len(parts) == 2:
-        h, m, s = (0, parts[0], parts[1]) if not days else (parts[0], parts[1], 0)
-    else:
-        h, m, s = parts[-3:]
-    return days * 1440 + h * 60 + m + (1 if s else 0)
+    return minutes(limit)
 
 
 def run_tag(run_dir) -> str:
@@ -266,6 +318,10 @@ class Executor:
         """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ..., VANISHED, or UNKNOWN
         (the scheduler has no record of it yet). Raises SchedulerError when it cannot tell."""
         raise NotImplementedError
+
+    def started_at(self, job) -> Optional[float]:
+        """When the job's current incarnation started (a requeued job starts again), if known."""
+        return None
 
     def cancel(self, job, grace_s: float = 10.0) -> None:
         raise NotImplementedError

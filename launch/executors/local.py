@@ -20,8 +20,8 @@ from typing import Dict, List, Optional
 import submitit
 from submitit.local.local import LocalJob
 
-from launch.executors.base import (Executor, UnitTask, job_name, key_of_job_name, log_folder,
-                                   time_limit_min)
+from launch.executors.base import (Executor, UnitTask, child_pids, job_name, key_of_job_name,
+                                   log_folder, time_limit_min)
 from shared.partition import JobPlan, job_units
 
 # The job name of a local job, in its controller's environment (Slurm has the real name):
@@ -42,21 +42,13 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def _children(pid: int) -> List[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(c) for c in text.split()]
-
-
-def _process_tree(pid: int) -> List[int]:
+def process_tree(pid: int) -> List[int]:
     """pid and its descendants, parents first."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop(0)
         out.append(p)
-        todo.extend(_children(p))
+        todo.extend(child_pids(p))
     return out
 
 
@@ -77,6 +69,7 @@ class LocalExecutor(Executor):
     def submit(self, unit: JobPlan, step: Optional[int] = None):
         ex = submitit.LocalExecutor(folder=log_folder(self.run_dir, unit.key) / "%j")
         ex.update_parameters(timeout_min=time_limit_min(self.cfg.cluster.time_limit),
+                             signal_delay_s=self.cfg.cluster.signal_delay_s,
                              tasks_per_node=len(unit.workers))
         before = os.environ.get(JOB_NAME_ENV)
         os.environ[JOB_NAME_ENV] = job_name(self.run_dir, unit.key, step is not None)  # copied by submitit
@@ -157,7 +150,7 @@ class LocalExecutor(Executor):
                 return
         elif not (pid_alive(pid) and self._is_controller(job)):
             return
-        tree = _process_tree(pid)
+        tree = process_tree(pid)
         _signal_all(tree[::-1], signal.SIGTERM)  # the workers first: they release their claims
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(pid_alive(p) for p in tree):

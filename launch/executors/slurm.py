@@ -5,7 +5,7 @@ What each job asks for (the exact scripts of every recipe are pinned in tests/go
     #SBATCH --nodes=<its plan nodes>   --ntasks-per-node=<workers per node>
     #SBATCH --gres=gpu[:type]:<GPUs used per node>   --cpus-per-task=<cpus_per_gpu x GPUs / tasks>
     #SBATCH --exclusive --mem=0        (cluster.exclusive; --mem=<mem_per_gpu_gb x GPUs>G if set)
-    #SBATCH --signal=USR2@120 --time=<cluster.time_limit> and partition/account/qos/reservation/
+    #SBATCH --signal=USR2@<cluster.signal_delay_s> --time=<cluster.time_limit>, partition/account/qos/reservation/
             constraint/exclude/nodelist/extra options from cluster.*
     srun --cpus-per-task=<same> --kill-on-bad-exit=1 python -m submitit.core._submit ...
 
@@ -38,7 +38,8 @@ from launch.executors.base import (Executor, SchedulerError, UnitTask, job_name,
 from shared import sbatch
 from shared.partition import JobPlan, job_units
 
-SIGNAL_DELAY_S = 120
+# The coordinator needs little time to stop: it saves its state and submits its successor.
+COORDINATOR_SIGNAL_DELAY_S = 90
 # One sacct call (covering every job watched) at most this often.
 SACCT_INTERVAL_S = 2.0
 _INHERITED_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")
@@ -61,8 +62,8 @@ class _Sbatch(submitit.SlurmExecutor):
 
 
 def _common(cfg, name: str, minutes: int, cpus: int, extra_args: List[str], extra_key: str,
-            partition, account, qos) -> dict:
-    params = dict(job_name=name, time=minutes, cpus_per_task=cpus, signal_delay_s=SIGNAL_DELAY_S,
+            partition, account, qos, signal_delay_s: int) -> dict:
+    params = dict(job_name=name, time=minutes, cpus_per_task=cpus, signal_delay_s=signal_delay_s,
                   srun_args=[f"--cpus-per-task={cpus}"], wckey=None)
     if cfg.cluster.setup:
         params["setup"] = list(cfg.cluster.setup)
@@ -81,7 +82,7 @@ def role_job_params(cfg, unit: JobPlan, name: str) -> dict:
     gpus = unit.gpus_per_node
     cpus = max(1, cl.cpus_per_gpu * gpus // unit.tasks_per_node)
     params = _common(cfg, name, time_limit_min(cl.time_limit), cpus, cl.sbatch_args,
-                     "cluster.sbatch_args", cl.partition, cl.account, cl.qos)
+                     "cluster.sbatch_args", cl.partition, cl.account, cl.qos, cl.signal_delay_s)
     params.update(nodes=len(unit.nodes), ntasks_per_node=unit.tasks_per_node,
                   gres=f"gpu:{cl.gpu_type}:{gpus}" if cl.gpu_type else f"gpu:{gpus}")
     params["srun_args"].append("--kill-on-bad-exit=1")
@@ -104,7 +105,7 @@ def coordinator_params(cfg, name: str = "sluice-coordinator") -> dict:
     co = cfg.cluster.coordinator
     params = _common(cfg, name, time_limit_min(co.time_limit), co.cpus, co.sbatch_args,
                      "cluster.coordinator.sbatch_args", co.partition,
-                     co.account or cfg.cluster.account, co.qos)
+                     co.account or cfg.cluster.account, co.qos, COORDINATOR_SIGNAL_DELAY_S)
     params.update(nodes=1, ntasks_per_node=1)
     if co.mem_gb:
         params["mem"] = f"{co.mem_gb}G"
@@ -147,11 +148,15 @@ def render_run(cfg, plan, run_dir: str = "/RUN_DIR", python: str = "PYTHON") -> 
     return "\n".join(out) + "\n"
 
 
-def submit_coordinator(cfg, run_dir: Path, fn, *args):
-    """Submit `fn(*args)` as the run's coordinator job; returns the submitit job."""
+def submit_coordinator(cfg, run_dir: Path, fn, *args, dependency: Optional[str] = None):
+    """Submit `fn(*args)` as the run's coordinator job (after `dependency`, e.g.
+    "afterany:123"); returns the submitit job."""
     folder = log_folder(run_dir, "coordinator") / "%j"
     ex = _Sbatch(folder=folder)
-    ex.update_parameters(**coordinator_params(cfg, job_name(run_dir, "coordinator")))
+    params = coordinator_params(cfg, job_name(run_dir, "coordinator"))
+    if dependency:
+        params["dependency"] = dependency
+    ex.update_parameters(**params)
     return ex.submit(fn, *args)
 
 
@@ -169,6 +174,7 @@ class SlurmExecutor(Executor):
         super().__init__(run_dir, cfg, plan)
         self._watched: set = set()
         self._states: Dict[str, str] = {}
+        self._starts: Dict[str, float] = {}
         self._checked = float("-inf")
 
     def units(self) -> List[JobPlan]:
@@ -188,14 +194,20 @@ class SlurmExecutor(Executor):
         return submitit.SlurmJob(folder=log_folder(self.run_dir, key) / "%j", job_id=str(job_id))
 
     def _sacct(self, ids: List[str]) -> Tuple[Optional[Dict[str, str]], str]:
-        out = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(sorted(ids))])
+        out = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start", "-j", ",".join(sorted(ids))])
         if out.returncode != 0:
             return None, out.stderr.strip() or f"exit status {out.returncode}"
         states = {}
         for line in out.stdout.splitlines():
-            job, _, state = line.partition("|")
-            if job and state:
-                states[job.strip()] = state.split()[0].upper()  # "CANCELLED by 0" -> CANCELLED
+            fields = line.split("|")
+            if len(fields) < 3 or not fields[0] or not fields[1]:
+                continue
+            job = fields[0].strip()
+            states[job] = fields[1].split()[0].upper()  # "CANCELLED by 0" -> CANCELLED
+            try:
+                self._starts[job] = time.mktime(time.strptime(fields[2].strip(), "%Y-%m-%dT%H:%M:%S"))
+            except ValueError:  # "Unknown", "None": not started (again) yet
+                self._starts.pop(job, None)
         return states, ""
 
     def _squeue(self, ids: List[str]) -> Tuple[Optional[Dict[str, str]], str]:
@@ -219,6 +231,9 @@ class SlurmExecutor(Executor):
             self._states = states
             self._checked = now
         return self._states.get(job_id, "UNKNOWN")
+
+    def started_at(self, job) -> Optional[float]:
+        return self._starts.get(str(job.job_id))
 
     def cancel(self, job, grace_s: float = 10.0) -> None:
         """scancel: SIGTERM to every process of the job, SIGKILL after the site's KillWait."""
