@@ -136,8 +136,10 @@ class Worker:
     # -- graceful stop
 
     def install_stop_handler(self) -> None:
-        """SIGTERM asks this worker to stop (call from the main thread)."""
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        """SIGTERM asks this worker to stop. Only the main thread may set signal handlers: a
+        worker run in a thread (tests) keeps the process's own."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
         first = self.stop_signal is None

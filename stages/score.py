@@ -690,7 +690,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf_logging.disable_progress_bar()  # one bar per checkpoint load clutters the worker log
     n = run_worker(args.run_dir, step=args.step, once=args.once)
     log.info("teacher worker exits after committing %d shard(s)", n)
-    return 0
+    # As the trainer (stages/train.py main): skip the interpreter's teardown once the process
+    # group is gone, which under load sometimes aborted a rank.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -442,6 +443,7 @@ class Trainer:
         self.checkpointed_step = 0
         self.step_s = 0.0  # wall-clock of a recent step (the longest of the last and a decay)
         self.save_s = 0.0  # wall-clock of the last checkpoint save
+        self.stop_at: Optional[float] = None  # when the job's pre-timeout signal may come
         config = self.model.config
         self.pad_id = next((i for i in (config.pad_token_id, config.eos_token_id) if isinstance(i, int)), 0)
         self.export_dtype = _stored_dtype(self.base_dir)
@@ -551,7 +553,8 @@ class Trainer:
                     ready.append((i, q.record(i)["checksum"]))
                     i += 1
                 if ready or time.monotonic() > deadline:
-                    msg = {"stop": False, "expected": expected, "shards": ready}
+                    msg = {"stop": False, "expected": expected, "shards": ready,
+                           "checkpoint_first": next_index == 0 and self._checkpoint_first()}
                 elif self._stop_requested():
                     msg = {"stop": True}  # a committed shard turned out unreadable: give up
                 else:
@@ -576,6 +579,11 @@ class Trainer:
             wait_s += time.monotonic() - t0
             if msg["stop"]:
                 raise StepStopped(dirty=bool(results))
+            if msg.get("checkpoint_first"):
+                if d.rank == 0:
+                    log.info("the job's time limit is near: checkpointing step %d before step %d",
+                             self.step, step)
+                self.save_checkpoint()
             t0 = time.monotonic()
             for index, checksum in msg["shards"]:
                 table = tables.pop(index, None)
@@ -647,16 +655,15 @@ class Trainer:
     def checkpoint_dir(self, step: int) -> Path:
         return self.rd.path("checkpoints", f"{step:06d}")
 
-    def checkpoint_ahead_of_stop(self, stop_at: Optional[float]) -> bool:
-        """Before a step: will the job's stop (the pre-timeout signal, expected at `stop_at`)
-        likely come during it? Then the state of the last completed step is saved now, so
-        that a step the stop interrupts costs only itself, never the steps since the last
-        periodic checkpoint. Decided on rank 0 (clocks differ), the same on every rank."""
-        due = False
-        if self.d.rank == 0 and stop_at is not None and self.cfg.checkpointing.enabled \
-                and self.step > self.checkpointed_step:
-            due = time.time() + 1.5 * self.step_s + self.save_s >= stop_at
-        return bool(_broadcast(due, self.d))
+    def _checkpoint_first(self) -> bool:
+        """Rank 0, before a step: will the job's stop (the pre-timeout signal, expected at
+        `self.stop_at`) likely come during it? Then the state of the last completed step is
+        saved first, so that a step the stop interrupts costs only itself, never the steps
+        since the last periodic checkpoint. Sent to every rank with the step's first message
+        (clocks differ between nodes)."""
+        return (self.stop_at is not None and self.cfg.checkpointing.enabled
+                and self.step > self.checkpointed_step
+                and time.time() + 1.5 * self.step_s + self.save_s >= self.stop_at)
 
     def save_checkpoint(self) -> None:
         """All ranks write their shards of the current state into one temp dir; rank 0
@@ -839,13 +846,8 @@ def run(run_dir, step: Optional[int] = None) -> int:
             log.warning("--step %d starts from step %d's state (newest checkpoint before it)",
                         step, start)
         steps = [step] if step is not None else range(start + 1, cfg.distillation.max_num_steps + 1)
-        stop_at = job_stop_time(cfg)
+        trainer.stop_at = job_stop_time(cfg)
         for t in steps:
-            if trainer.checkpoint_ahead_of_stop(stop_at):
-                if d.rank == 0:
-                    log.info("the job's time limit is near: checkpointing step %d before step %d",
-                             trainer.step, t)
-                trainer.save_checkpoint()
             started = time.monotonic()
             try:
                 result = trainer.train_step(t)
@@ -887,6 +889,14 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     hf_logging.disable_progress_bar()  # one bar per load, in every rank's log
     run(args.run_dir, step=args.step)
+    # Everything is saved and the process group is gone. Skip the interpreter's teardown:
+    # under load a rank sometimes aborted in it ("terminate called without an active
+    # exception", after destroy_process_group had returned on every rank), which torchrun
+    # reports as a failed run.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
