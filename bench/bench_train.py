@@ -144,7 +144,8 @@ def _measure(name: str, root: Path, overrides: list[str], vocab: int, rounds: in
     thread: CI boxes are shared, and there the wall time of the same step varied 10x."""
     import torch
 
-    from stages.train import Trainer, collate, plan_micro_batches, samples_from_table, setup_distributed
+    from shared.distributed import setup_distributed
+    from stages.train import Trainer, collate, plan_micro_batches, samples_from_table
     from shared.worker import load_run_config
 
     rd = _make_run_dir(root, overrides)

@@ -65,6 +65,10 @@ def ensure_model(name: str, key: str = "model_name") -> Path:
             from shared.thinker import build_thinker
 
             build_thinker(tiny_models_dir())
+        elif name.startswith(TINY_PREFIX + "realshape"):
+            from shared.tiny import build_real_shape_models
+
+            build_real_shape_models(tiny_models_dir())
         else:
             from shared.tiny import build_tiny_models
 

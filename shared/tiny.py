@@ -1,35 +1,42 @@
-"""Tiny random-weight Qwen3 student/teacher pair and tokenizer, built in-process (no download).
+"""Random-weight Qwen3 models and tokenizers, built in-process (no download).
 
-    python -m shared.tiny /tmp/sluice-tiny            # build (or reuse) and print the paths
-    python -m shared.tiny /tmp/sluice-tiny --seed 1   # another pair of random models
+    python -m shared.tiny /tmp/sluice-tiny                  # build (or reuse) and print the paths
+    python -m shared.tiny /tmp/sluice-tiny --seed 1         # another set of random weights
+    python -m shared.tiny /tmp/sluice-tiny --set realshape  # the real-shape models
 
 From Python (tests, smoke):
 
-    from shared.tiny import build_tiny_models
+    from shared.tiny import build_tiny_models, build_real_shape_models
     paths = build_tiny_models("/tmp/sluice-tiny")
-    # {"student": "/tmp/sluice-tiny/student", "teacher": ..., "tokenizer": ...}
+    # {"student": ".../student", "student-tied": ..., "teacher": ..., "tokenizer": ...}
 
 Layout written under OUT_DIR (each model dir is a complete HF checkpoint: config.json,
 generation_config.json, model.safetensors and the tokenizer files, so vLLM, transformers and
-the stages load it exactly like a real model):
+the stages load it exactly like a real model; recipes name them tiny:<dir>):
 
-    OUT_DIR/student/     Qwen3, hidden 128, 2 layers, 2 heads, 1 KV head, head_dim 64
-    OUT_DIR/teacher/     Qwen3, hidden 256, 4 layers, 4 heads, 2 KV heads, head_dim 64
-    OUT_DIR/tokenizer/   the shared tokenizer alone
-    OUT_DIR/TINY_MODELS.json   marker, written last and atomically: what was built, by which
-                               code version and seed; its presence means the build is complete
+    student/             Qwen3, hidden 128, 2 layers, 2 heads, 1 KV head, head_dim 64, untied
+    student-tied/        the same with tied embeddings (the smoke's student)
+    teacher/             Qwen3, hidden 256, 4 layers, 4 heads, 2 KV heads, head_dim 64
+    tokenizer/           the shared tokenizer alone (512 ids)
+    TINY_MODELS.json     marker, written last and atomically: what was built, by which code
+                         version and seed; its presence means the build is complete
+    realshape-student/   real shapes: vocabulary 151,936, head_dim 128, 16 query and 8 KV
+                         heads (as Qwen3-0.6B), tied, bfloat16; hidden 256, 2 layers
+    realshape-teacher/   the same with 3 layers
+    realshape-tokenizer/, REALSHAPE_MODELS.json   (built only when a recipe names them)
 
 The tokenizer is a byte-level BPE (512 ids in all) trained on a fixed synthetic corpus of
 arithmetic problems, answers and English words, with Qwen3's special tokens (`<|endoftext|>`,
 `<|im_start|>`, `<|im_end|>`) and `<think>`/`</think>` as single tokens, and a Qwen3-style
 chat template (honours `enable_thinking=False` the way Qwen3 does). The vocabulary is the
-same for every seed; the seed only changes the weights.
+same for every seed; the seed only changes the weights. The real-shape tokenizer is the same
+BPE padded with filler tokens to Qwen3's 151,936 ids.
 
 Why these numbers: vLLM's CPU attention refuses head_dim 16 (64 works); weights are drawn
-with std 0.2 because the usual 0.02 makes a random model repeat one token forever; embeddings
-are untied because on CPU vLLM's in-place weight reload keeps a stale packed lm_head for tied
-models (see notes/platform.md); weights are float32 so CPU numerics of vLLM and transformers
-agree closely and greedy decoding matches between them.
+with std 0.2 because the usual 0.02 makes a random model repeat one token forever; the
+untied student and the float32 weights keep CPU numerics of vLLM and transformers close, so
+greedy decoding matches between them; the tied student exercises vLLM's in-place reload of
+tied embeddings, which on CPU needs lm_head repacked (see notes/platform.md).
 """
 
 from __future__ import annotations
@@ -94,6 +101,17 @@ TEACHER_CONFIG = dict(
     hidden_size=256, intermediate_size=512, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, head_dim=64,
 )
+# The student with tied embeddings (as Qwen3 0.6B/1.7B/4B): the smoke's student.
+STUDENT_TIED_CONFIG = dict(STUDENT_CONFIG, tie_word_embeddings=True)
+# Real shapes on a CPU budget: Qwen3's vocabulary (151,936) and head_dim (128), grouped-query
+# attention as Qwen3-0.6B (16 query heads, 8 KV heads), tied embeddings, bfloat16 on disk as
+# the released checkpoints; few layers and a small hidden size.
+REAL_VOCAB_SIZE = 151_936
+REAL_STUDENT_CONFIG = dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, dtype="bfloat16",
+)
+REAL_TEACHER_CONFIG = dict(REAL_STUDENT_CONFIG, num_hidden_layers=3)
 INIT_STD = 0.2
 
 _WORDS = (
@@ -131,8 +149,12 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer():
-    """Train the byte-level BPE and wrap it as a `transformers` fast tokenizer (~1 s)."""
+def build_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """Train the byte-level BPE and wrap it as a `transformers` fast tokenizer (~1 s).
+
+    With `vocab_size` above VOCAB_SIZE (the real-shape models: Qwen3's 151,936) the BPE
+    vocabulary is padded with never-merged filler tokens `<|reserved_i|>` before the added
+    tokens, which take the last ids as in Qwen."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
     from tokenizers import pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -159,6 +181,12 @@ def build_tokenizer():
             f"{VOCAB_SIZE - len(ADDED_TOKENS)}; the corpus in shared/tiny.py is too small for "
             f"VOCAB_SIZE={VOCAB_SIZE}: enlarge _corpus() or lower VOCAB_SIZE"
         )
+    if vocab_size > VOCAB_SIZE:
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        for i in range(len(vocab), vocab_size - len(ADDED_TOKENS)):
+            vocab[f"<|reserved_{i}|>"] = i
+        tok = Tokenizer.from_str(json.dumps(spec))
     # Added after training so they take the last ids, as in Qwen. `<think>` is not special
     # (as in Qwen3): decoding with skip_special_tokens keeps it, so traces stay visible.
     tok.add_tokens([
@@ -186,14 +214,12 @@ def _qwen3_config(sizes: dict, tokenizer):
         max_position_embeddings=MAX_POSITIONS,
         rms_norm_eps=1e-6,
         rope_theta=1_000_000.0,
-        tie_word_embeddings=False,
         initializer_range=INIT_STD,
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
         use_cache=True,
-        dtype="float32",
-        **sizes,
+        **{"tie_word_embeddings": False, "dtype": "float32", **sizes},
     )
 
 
@@ -203,7 +229,8 @@ def _save_model(sizes: dict, tokenizer, seed: int, out: Path) -> None:
 
     config = _qwen3_config(sizes, tokenizer)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).to(torch.float32).eval()
+    dtype = getattr(torch, sizes.get("dtype", "float32"))
+    model = Qwen3ForCausalLM(config).to(dtype).eval()
     with _quiet_progress_bars():
         model.save_pretrained(out, safe_serialization=True)
     # Only stop/pad ids: vLLM applies a checkpoint's generation_config as default sampling
@@ -228,31 +255,49 @@ def _quiet_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def _is_complete(out_dir: Path, want: dict) -> bool:
+# The model sets built in-process: name -> (tokenizer vocabulary, {model dir: (config, seed
+# offset)}). A set is built whole, under its own marker.
+MODEL_SETS = {
+    "tiny": (VOCAB_SIZE, {"student": (STUDENT_CONFIG, 0), "student-tied": (STUDENT_TIED_CONFIG, 0),
+                          "teacher": (TEACHER_CONFIG, 1_000_003)}),
+    "realshape": (REAL_VOCAB_SIZE, {"realshape-student": (REAL_STUDENT_CONFIG, 0),
+                                    "realshape-teacher": (REAL_TEACHER_CONFIG, 1_000_003)}),
+}
+
+
+def _tokenizer_dir(model_set: str) -> str:
+    return "tokenizer" if model_set == "tiny" else f"{model_set}-tokenizer"
+
+
+def _marker(model_set: str) -> str:
+    return MARKER if model_set == "tiny" else f"{model_set.upper()}_MODELS.json"
+
+
+def _is_complete(out_dir: Path, model_set: str, want: dict) -> bool:
     try:
-        have = json.loads((out_dir / MARKER).read_text())
+        have = json.loads((out_dir / _marker(model_set)).read_text())
     except (OSError, ValueError):
         return False
     return have == want and all((out_dir / name / "config.json").is_file()
-                                for name in ("student", "teacher"))
+                                for name in MODEL_SETS[model_set][1])
 
 
-def _fingerprint(seed: int) -> dict:
+def _fingerprint(model_set: str, seed: int) -> dict:
     # Library versions are part of the key: a new torch may draw different random weights,
     # a new tokenizers may merge differently.
     import tokenizers
     import torch
     import transformers
 
+    vocab, models = MODEL_SETS[model_set]
     return {
         "tiny_version": TINY_VERSION,
         "seed": seed,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
-        "student": STUDENT_CONFIG,
-        "teacher": TEACHER_CONFIG,
-        "vocab_size": VOCAB_SIZE,
+        "models": {name: config for name, (config, _) in models.items()},
+        "vocab_size": vocab,
         "init_std": INIT_STD,
     }
 
@@ -268,52 +313,65 @@ def locked(out_dir: Path, name: str = ".lock"):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build_tiny_models(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, str]:
-    """Build (or reuse) the tiny student, teacher and tokenizer under `out_dir`.
-
-    Returns {"student": path, "teacher": path, "tokenizer": path} (absolute strings).
-    Deterministic for a given seed and library versions; reuses `out_dir` when its marker says
-    it was built by this code version with this seed, and rebuilds it otherwise.
-    """
+def build_model_set(out_dir: str | os.PathLike, model_set: str = "tiny", seed: int = 0) -> dict[str, str]:
+    """Build (or reuse) one set of MODEL_SETS under `out_dir`; returns {name: path} for its
+    models and "tokenizer". Deterministic for a given seed and library versions; reuses
+    `out_dir` when the set's marker says it was built by this code version with this seed."""
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: str(out_dir / name) for name in ("student", "teacher", "tokenizer")}
-    want = _fingerprint(seed)
-    if _is_complete(out_dir, want):
+    vocab, models = MODEL_SETS[model_set]
+    tok_dir = _tokenizer_dir(model_set)
+    paths = {name: str(out_dir / name) for name in models}
+    paths["tokenizer"] = str(out_dir / tok_dir)
+    want = _fingerprint(model_set, seed)
+    if _is_complete(out_dir, model_set, want):
         return paths
     with locked(out_dir):
-        if _is_complete(out_dir, want):  # another process built it while we waited
+        if _is_complete(out_dir, model_set, want):  # another process built it while we waited
             return paths
-        (out_dir / MARKER).unlink(missing_ok=True)
-        for stale in out_dir.glob(".build-*"):  # left by a killed build; we hold the lock
+        (out_dir / _marker(model_set)).unlink(missing_ok=True)
+        for stale in out_dir.glob(f".build-{model_set}-*"):  # left by a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{model_set}-", dir=out_dir))
         try:
-            tokenizer = build_tokenizer()
-            tokenizer.save_pretrained(tmp / "tokenizer")
-            _save_model(STUDENT_CONFIG, tokenizer, seed, tmp / "student")
-            # A different stream for the teacher, so it is not a prefix-copy of the student.
-            _save_model(TEACHER_CONFIG, tokenizer, seed + 1_000_003, tmp / "teacher")
-            for name in ("student", "teacher", "tokenizer"):
+            tokenizer = build_tokenizer(vocab)
+            tokenizer.save_pretrained(tmp / tok_dir)
+            # Each model its own stream, so the teacher is not a prefix-copy of the student.
+            for name, (config, offset) in models.items():
+                _save_model(config, tokenizer, seed + offset, tmp / name)
+            for name in [*models, tok_dir]:
                 shutil.rmtree(out_dir / name, ignore_errors=True)
                 os.replace(tmp / name, out_dir / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        marker_tmp = out_dir / f".{MARKER}.tmp"
+        marker_tmp = out_dir / f".{_marker(model_set)}.tmp"
         with open(marker_tmp, "w") as f:
             json.dump(want, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(marker_tmp, out_dir / MARKER)
+        os.replace(marker_tmp, out_dir / _marker(model_set))
     return paths
+
+
+def build_tiny_models(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, str]:
+    """The tiny student (untied and tied), teacher and tokenizer under `out_dir`:
+    {"student", "student-tied", "teacher", "tokenizer": path}."""
+    return build_model_set(out_dir, "tiny", seed)
+
+
+def build_real_shape_models(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, str]:
+    """The real-shape student and teacher (Qwen3 vocabulary and heads, tied, bfloat16):
+    {"realshape-student", "realshape-teacher", "tokenizer": path}."""
+    return build_model_set(out_dir, "realshape", seed)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="directory to build into (reused if already built)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument("--set", default="tiny", choices=sorted(MODEL_SETS), help="which models")
     args = parser.parse_args(argv)
-    print(json.dumps(build_tiny_models(args.out_dir, seed=args.seed), indent=1))
+    print(json.dumps(build_model_set(args.out_dir, args.set, seed=args.seed), indent=1))
 
 
 if __name__ == "__main__":

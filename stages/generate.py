@@ -151,11 +151,18 @@ class SluiceWorkerExtension:
 
 
 def engine_kwargs(cfg: SluiceConfig, model_path: str | os.PathLike) -> dict:
-    """`vllm.LLM(**kwargs)` for the student's generation config on this machine."""
-    import torch
+    """`vllm.LLM(**kwargs)` for the student's generation config on this machine.
+
+    GPUs are counted through NVML (shared.distributed.cuda_available): a plain
+    torch.cuda.is_available() would initialise CUDA in this process, and vLLM, which forks its
+    engine processes unless CUDA is initialised, would then fork children that cannot use
+    CUDA. Spawning is asked for explicitly as well."""
+    from shared.distributed import cuda_available
 
     v = cfg.policy.generation.vllm_cfg
-    on_gpu = torch.cuda.is_available()
+    on_gpu = cuda_available()
+    if on_gpu:
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     backend = v.distributed_executor_backend
     if not on_gpu and backend is None and v.tensor_parallel_size == 1:
         backend = "uni"  # the engine in this process: starts in ~2 s instead of ~15 s

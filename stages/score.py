@@ -69,6 +69,7 @@ from torch import nn
 
 from shared import schemas
 from shared.config import SluiceConfig
+from shared.distributed import Dist, broadcast_object, build_sharded, cuda_available, setup_distributed
 from shared.models import ensure_model
 from shared.queue import ClaimLostError, CorruptShardError, Owner, RunDir, StageQueue
 from shared.worker import StopRequested, Worker, active_steps, fault_point, load_run_config
@@ -190,7 +191,7 @@ def compute_dtype(cfg: SluiceConfig, device: torch.device) -> torch.dtype:
 
 
 def default_device() -> torch.device:
-    if torch.cuda.is_available():
+    if cuda_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
@@ -225,41 +226,27 @@ def load_teacher(cfg: SluiceConfig, device: Optional[torch.device] = None) -> Te
 
 
 def _load_sharded(path: Path, config, dtype: torch.dtype, device: torch.device) -> _Scorer:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """Every rank builds the teacher on meta, shards it per decoder layer and reads only its
+    own slices of the checkpoint (shared.distributed.build_sharded)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoModelForCausalLM
 
-    rank = dist.get_rank()
-    with torch.device("meta"):
-        scorer = _Scorer(AutoModelForCausalLM.from_config(config, dtype=dtype))
-    layers = getattr(scorer.lm.base_model, "layers", None)
-    if layers is None:
-        raise ValueError(f"{path}: {type(scorer.lm).__name__} has no base_model.layers to shard "
-                         "per decoder layer; Sluice's teacher supports decoder-only HF models")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    # Explicit True: the root's default keeps its weights gathered after forward (useful for
-    # training's backward), which here would pin the embeddings and LM head on every rank.
-    fully_shard(scorer, mesh=mesh, reshard_after_forward=True)
-    scorer.to_empty(device=device)
-    full = None
-    if rank == 0:
-        full = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    state = {f"lm.{k}": v for k, v in full.state_dict().items()} if full is not None else {}
-    set_model_state_dict(scorer, state, options=StateDictOptions(full_state_dict=True,
-                                                                 broadcast_from_rank0=True))
-    # Non-persistent buffers (rotary inv_freq) are not in the state dict and were left
-    # uninitialised by to_empty: take rank 0's.
-    reference = dict(full.named_buffers()) if full is not None else {}
-    with torch.no_grad():
-        for name, buf in scorer.named_buffers():
-            if rank == 0:
-                buf.copy_(reference[name.removeprefix("lm.")])
-            dist.broadcast(buf, src=0)
-    del full, state, reference
-    return scorer
+
+    def shard(scorer: _Scorer) -> _Scorer:
+        layers = getattr(scorer.lm.base_model, "layers", None)
+        if layers is None:
+            raise ValueError(f"{path}: {type(scorer.lm).__name__} has no base_model.layers to "
+                             "shard per decoder layer; Sluice's teacher supports decoder-only HF models")
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        # Explicit True: the root's default keeps its weights gathered after forward (useful
+        # for training's backward), which here would pin the embeddings and LM head on every rank.
+        fully_shard(scorer, mesh=mesh, reshard_after_forward=True)
+        return scorer
+
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
+    return build_sharded(path, dtype, d, shard, wrap=_Scorer, prefix="lm.")
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -493,27 +480,12 @@ def _teacher_tokens(scored: pa.Table) -> int:
 
 
 def init_distributed() -> tuple[int, int, bool]:
-    """``(rank, world, we_initialised)``: joins torchrun's process group when WORLD_SIZE > 1."""
+    """``(rank, world, we_initialised)``: joins torchrun's process group when WORLD_SIZE > 1
+    (with the trainer's timeout: shared.distributed)."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return dist.get_rank(), world, True
-
-
-def _broadcast(obj):
-    """Rank 0's ``obj`` on every rank (a no-op without a process group)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    d = setup_distributed(always=False)
+    return d.rank, d.world, dist.is_initialized()
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -617,15 +589,15 @@ def _lead(run_dir, worker: Worker, step: Optional[int], once: bool) -> int:
     leader = _Leader(run_dir, cfg, worker, step)
     while True:
         if leader.done():
-            _broadcast("stop")
+            broadcast_object("stop")
             break
         found = leader.next_claim()
         if found is None:
             if once:
-                _broadcast("stop")
+                broadcast_object("stop")
                 break
             worker.beat("waiting", detail="no claimable scored shard")
-            _broadcast("idle")
+            broadcast_object("idle")
             time.sleep(cfg.queue.poll_s)
             continue
         scored_q, rollouts_q, claim = found
@@ -635,9 +607,9 @@ def _lead(run_dir, worker: Worker, step: Optional[int], once: bool) -> int:
                 rollouts = rollouts_q.read(claim.index)
             except CorruptShardError as e:
                 log.error("%s", e)  # quarantined: generation redoes it, we score it after
-                _broadcast("idle")
+                broadcast_object("idle")
                 continue
-            _broadcast(_table_bytes(rollouts))
+            broadcast_object(_table_bytes(rollouts))
             worker.beat("scoring", detail=where, force=True)
             started = time.perf_counter()
             with worker.interruptible():
@@ -665,7 +637,7 @@ def _follow(run_dir) -> None:
     teacher = load_teacher(cfg)
     builder = context_builder(cfg)
     while True:
-        message = _broadcast(None)
+        message = broadcast_object(None)
         if message == "stop":
             return
         if message == "idle":

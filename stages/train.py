@@ -64,7 +64,6 @@ everything is float32.
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import math
 import json
@@ -81,16 +80,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from shared.distributed import Dist, broadcast_object, build_sharded, export_hf, setup_distributed
 
 from shared.config import SluiceConfig
 from shared.loss import distillation_loss
@@ -115,8 +110,6 @@ ROLE = "training"
 # broadcast, and a collective that never returns would hit the process-group timeout.
 MAX_SILENCE_S = 30.0
 # Long enough for rank 0 to gather and write a large model while the others wait.
-PG_TIMEOUT = datetime.timedelta(minutes=30)
-MAX_SHARD_BYTES = 5 * 1024**3  # per safetensors file, as HF does
 # Slurm sends the pre-timeout signal up to this much before the time it was asked for (its
 # periodic check): the trainer plans as if it came this early.
 SIGNAL_SLACK_S = 60.0
@@ -126,43 +119,6 @@ METRICS = ("loss_sum", "forward_kl_sum", "reverse_kl_sum", "student_topk_mass_su
            "tokens")
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
-
-
-# ------------------------------------------------------------------------- process group
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-
-def setup_distributed(seed: int) -> Dist:
-    """The process group (nccl for CUDA tensors plus gloo for CPU ones on GPU; gloo on CPU),
-    this rank's device, and the same seed on every rank. Without torchrun's environment it
-    makes a group of one process, so `python -m stages.train` and the benchmark need nothing."""
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
-        if "RANK" in os.environ:
-            dist.init_process_group(backend, timeout=PG_TIMEOUT)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=PG_TIMEOUT)
-    torch.manual_seed(seed)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-def _broadcast(obj, d: Dist):
-    box = [obj if d.rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # -------------------------------------------------------------------------------- model
@@ -195,24 +151,10 @@ class ResponseGather:
 
 
 def load_student(cfg: SluiceConfig, d: Dist):
-    """(FSDP2-sharded student, its base directory). Rank 0 reads the checkpoint; the other ranks
-    build an empty (meta) model and receive their shards by broadcast, so a node holds one full
-    copy in CPU memory, not one per GPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    """(FSDP2-sharded student, its base directory). Every rank builds the model on the meta
+    device, shards it and reads only its own slices of the checkpoint
+    (shared.distributed.build_sharded): no rank holds the whole model."""
     path = resolve_model(cfg.policy.model_name)
-    if d.rank == 0:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        full_state = model.state_dict()
-    else:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
-                                                     dtype=torch.float32)
-        full_state = {}
-    model.config.use_cache = False
-    if cfg.policy.dtensor_cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
     offload = cfg.policy.dtensor_cfg.cpu_offload and d.device.type == "cuda"
     if cfg.policy.dtensor_cfg.cpu_offload and not offload:
         log.warning("policy.dtensor_cfg.cpu_offload=true has no effect on CPU")
@@ -221,26 +163,23 @@ def load_student(cfg: SluiceConfig, d: Dist):
         mp_policy=_mixed_precision(cfg, d),
         offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
     )
-    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
-    if not layers:
-        raise ValueError(f"policy.model_name={cfg.policy.model_name!r}: no decoder layers found "
-                         f"(classes {sorted(layer_classes)}); Sluice shards each decoder layer")
-    for layer in layers:
-        fully_shard(layer, **shard_kwargs)
-    fully_shard(model, **shard_kwargs)
 
-    if d.rank != 0:
-        model.to_empty(device="cpu" if offload else d.device)
-    set_model_state_dict(model, full_state,
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full_state
-    # Non-persistent buffers (rotary frequencies) are in no state dict: copy rank 0's.
-    for module in model.modules():
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf.device != d.device:
-                module._buffers[name] = buf = buf.to(d.device)
-            dist.broadcast(buf, src=0)
+    def shard(model):
+        model.config.use_cache = False
+        if cfg.policy.dtensor_cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+        layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+        if not layers:
+            raise ValueError(f"policy.model_name={cfg.policy.model_name!r}: no decoder layers found "
+                             f"(classes {sorted(layer_classes)}); Sluice shards each decoder layer")
+        for layer in layers:
+            fully_shard(layer, **shard_kwargs)
+        fully_shard(model, **shard_kwargs)
+        return model
+
+    model = build_sharded(path, torch.float32, d, shard,
+                          alloc_device=torch.device("cpu") if offload else d.device)
     return model, path
 
 
@@ -562,7 +501,7 @@ class Trainer:
                         self.worker.beat("waiting", f"step {step}: {next_index}/{expected or '?'} "
                                                     "scored shards read")
                     time.sleep(self.cfg.queue.poll_s)
-        return _broadcast(msg, self.d)
+        return broadcast_object(msg)
 
     def train_step(self, step: int) -> dict:
         """Train on every scored shard of `step`, streaming; return train.json's content
@@ -640,16 +579,17 @@ class Trainer:
 
     # -- outputs
     def export_weights(self, step: int) -> Optional[Path]:
-        """Gather the full weights (collective) and publish weights/<step> from rank 0."""
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                          cpu_offload=True))
+        """Publish weights/<step> in HF format, in the base checkpoint's dtype: every rank
+        writes its own shards (shared.distributed.export_hf, no rank gathers the model),
+        then rank 0 adds the base model's config and tokenizer files and commits."""
+        final = weights_path(self.rd, step)
+        tmp = broadcast_object(str(temp_dir_for(final)) if self.d.rank == 0 else None)
+        export_hf(self.model, Path(tmp), self.export_dtype, self.d)
         if self.d.rank != 0:
             return None
-        final = weights_path(self.rd, step)
-        tmp = temp_dir_for(final)
-        write_hf_checkpoint(state, tmp, self.base_dir, self.export_dtype)
-        commit_dir(tmp, final, {"step": step, "model_name": self.cfg.policy.model_name,
-                                "base_dir": str(self.base_dir), "format": "hf-safetensors"})
+        copy_model_files(self.base_dir, Path(tmp))
+        commit_dir(Path(tmp), final, {"step": step, "model_name": self.cfg.policy.model_name,
+                                      "base_dir": str(self.base_dir), "format": "hf-safetensors"})
         return final
 
     def checkpoint_dir(self, step: int) -> Path:
@@ -670,7 +610,7 @@ class Trainer:
         publishes it once every rank is done."""
         started = time.monotonic()
         final = self.checkpoint_dir(self.step)
-        tmp = _broadcast(str(temp_dir_for(final)) if self.d.rank == 0 else None, self.d)
+        tmp = broadcast_object(str(temp_dir_for(final)) if self.d.rank == 0 else None)
         dcp.save({"train": self.state}, checkpoint_id=tmp)
         fault_point("checkpoint_save", self.step)
         dist.barrier()
@@ -697,7 +637,7 @@ class Trainer:
         if self.d.rank == 0:
             steps = [s for s in committed_checkpoints(self.rd) if before is None or s < before]
             step = steps[-1] if steps else 0
-        step = _broadcast(step, self.d)
+        step = broadcast_object(step)
         if step:
             dcp.load({"train": self.state}, checkpoint_id=str(self.checkpoint_dir(step)))
             self.checkpointed_step = self.step
@@ -776,42 +716,10 @@ def _stored_dtype(model_dir: Path) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def write_hf_checkpoint(state: dict, out_dir: Path, base_dir: Path, dtype: torch.dtype) -> None:
-    """Save a full state dict (HF parameter names) as HF safetensors in `dtype`, with the base
-    model's config, tokenizer and generation files. Every key is written, so a tied model gets
-    lm_head.weight explicitly (see notes/platform.md: vLLM's CPU reload needs it)."""
-    from safetensors.torch import save_file
-
-    tensors, seen = {}, set()
-    for name, value in state.items():
-        t = value.detach().to("cpu", dtype).contiguous()
-        if t.data_ptr() in seen:  # safetensors refuses shared storage
-            t = t.clone()
-        seen.add(t.data_ptr())
-        tensors[name] = t
-    files: list[dict] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if files[-1] and size + nbytes > MAX_SHARD_BYTES:
-            files.append({})
-            size = 0
-        files[-1][name] = t
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(files) == 1:
-        save_file(files[0], str(out_dir / "model.safetensors"), metadata=meta)
-    else:
-        weight_map = {}
-        for i, part in enumerate(files, 1):
-            fname = f"model-{i:05d}-of-{len(files):05d}.safetensors"
-            save_file(part, str(out_dir / fname), metadata=meta)
-            weight_map.update(dict.fromkeys(part, fname))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        atomic_write_json(out_dir / "model.safetensors.index.json",
-                          {"metadata": {"total_size": total}, "weight_map": weight_map})
-    # The base model's config.json as is (architecture and dtype unchanged by training; vLLM
-    # already loads it), tokenizer files, generation_config.json, chat template.
+def copy_model_files(base_dir: Path, out_dir: Path) -> None:
+    """The base model's config.json as is (architecture and dtype unchanged by training; vLLM
+    already loads it), tokenizer files, generation_config.json, chat template: everything
+    but its weights."""
     for src in Path(base_dir).iterdir():
         if src.is_file() and not src.name.startswith(".") and src.name != "COMMITTED.json" \
                 and not src.name.endswith(_WEIGHT_SUFFIXES):

@@ -37,7 +37,7 @@ from stages.train import (
     collate,
     plan_micro_batches,
     samples_from_table,
-    write_hf_checkpoint,
+    copy_model_files,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,9 +328,28 @@ def test_tied_embeddings_export_loads_with_both_keys(tiny, tmp_path):
     state = model.state_dict()
     assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
 
+    # The trainer's way: per-rank load into FSDP2 shards, per-rank export (one rank here).
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from shared.distributed import build_sharded, export_hf, setup_distributed
+
+    def shard(m):
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in m.model.layers:
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(m, mesh=mesh)
+
     out = tmp_path / "out"
     out.mkdir()
-    write_hf_checkpoint(state, out, base, torch.float32)
+    d = setup_distributed(seed=0)
+    try:
+        sharded = build_sharded(base, torch.float32, d, shard)
+        export_hf(sharded, out, torch.float32, d)
+    finally:
+        dist.destroy_process_group()
+    copy_model_files(base, out)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(f.keys())
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
