@@ -24,6 +24,8 @@ Files it writes:
     steps/<t>/prompts/...       prompts shards (one row per sample), and EXPECTED for the
                                 rollouts and scored stages of the step
     metrics.jsonl               one JSON object per step (train/*, timing/*)
+
+and it prunes weights/<step> (written by training) to what is still needed: see weights_needed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,6 +73,31 @@ INCARNATION_SLACK_S = 30.0
 # lock holder's own host, only while its pid lives: a killed coordinator is replaced at once).
 LOCK_BEAT_S = 5.0
 LOCK_FRESH_S = 60.0
+
+
+def weights_needed(committed: List[int], trained: int, checkpoints: List[int], staleness: int,
+                   validations: List[int], keep_period: Optional[int]) -> set:
+    """The versions of weights/<v> a run still needs, of the `committed` ones:
+
+    - generation: the newest version and the `staleness` + 1 before it (a generation worker
+      may still be loading one of them for a step it took before the newest appeared), and
+      the same window below the trained step;
+    - a resume: training restarts from the newest checkpoint, and generation then starts
+      from that checkpoint's weights: the window below the newest checkpoint;
+    - validation: versions scheduled and not yet collected (`validations`);
+    - the user's retention: the steps of kept checkpoints, every `keep_period`-th step.
+    """
+    if not committed:
+        return set()
+    window = staleness + 1
+    needed = set()
+    for top in (max(committed), trained, max(checkpoints, default=0)):
+        needed.update(range(top - window, top + 1))
+    needed.update(validations)
+    needed.update(checkpoints)
+    if keep_period:
+        needed.update(v for v in committed if v % keep_period == 0)
+    return needed & set(committed)
 
 
 def _lock_path(root) -> Path:
@@ -322,12 +350,34 @@ class Coordinator:
             t += 1
         return t
 
+    def committed_steps(self, folder: str) -> List[int]:
+        """The steps committed under RUN_DIR/<folder> (checkpoints, weights), ascending."""
+        root = self.rd.path(folder)
+        if not root.is_dir():
+            return []
+        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and is_committed_dir(p))
+
     def last_checkpoint(self) -> int:
-        ck = self.rd.path("checkpoints")
-        if not ck.is_dir():
-            return 0
-        steps = [int(p.name) for p in ck.iterdir() if p.name.isdigit() and is_committed_dir(p)]
-        return max(steps, default=0)
+        return max(self.committed_steps("checkpoints"), default=0)
+
+    def prune_weights(self, trained: int, total: int) -> List[int]:
+        """Delete the weights/<v> no longer needed (weights_needed); returns the versions
+        deleted. A version disappears from listings at once (renamed out of the digits'
+        namespace), then its files are removed."""
+        root = self.rd.path("weights")
+        committed = self.committed_steps("weights")
+        checkpoints = self.committed_steps("checkpoints")
+        pending = [v for v in self.validation.versions(total) if not self.validation.is_collected(v)]
+        needed = weights_needed(committed, trained, checkpoints, self.cfg.distillation.max_staleness,
+                                pending, self.cfg.checkpointing.keep_weights_period)
+        dropped = [v for v in committed if v not in needed]
+        for v in dropped:
+            doomed = root / f".pruned-{v:06d}-{uuid.uuid4().hex[:8]}"
+            os.replace(root / f"{v:06d}", doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        if dropped:
+            self.event("weights_pruned", versions=dropped)
+        return dropped
 
     def invalidate_after(self, ckpt: int) -> None:
         """Training restarts from checkpoint `ckpt`: steps after it are redone. Their results
@@ -742,6 +792,7 @@ class Coordinator:
                 ahead = 1 + self.cfg.distillation.max_staleness
                 for t in range(trained + 1, min(total, trained + 1 + ahead) + 1):
                     self.write_prompts(t)
+                self.prune_weights(trained, total)
                 self.watch_jobs()
                 self.check_workers()
                 self.save_state()

@@ -28,7 +28,7 @@ from typing import List, Optional, Tuple
 from shared.errors import UserError, exit_with
 from shared.partition import Plan
 from shared.queue import RunDir, StageQueue, check_shard_index, check_step
-from shared.worker import FINAL_STATUSES, is_committed_dir, load_run_config, read_json
+from shared.worker import FINAL_STATUSES, is_committed_dir, latest_weights, load_run_config, read_json
 
 OUTPUT = {"generation": ["rollouts", "scored"], "teacher": ["scored"]}
 
@@ -99,6 +99,8 @@ def _resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int
                         f"conf={run.get('recipe')} launch.run_dir={rd.root}")
         return said, None
 
+    if step is not None and stage == "generation":
+        _check_weights_kept(rd, cfg, step)
     if step is not None:
         for out_stage in OUTPUT[stage]:
             q = StageQueue(rd, step, out_stage)
@@ -119,6 +121,20 @@ def _resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int
     said.append(f"no live {stage} worker: submitted job {job.job_id}"
                 + (f" to redo step {step}" if step is not None else ""))
     return said, job
+
+
+def _check_weights_kept(rd: RunDir, cfg, step: int) -> None:
+    """Generation of `step` needs the student's weights of one of the steps allowed by
+    max_staleness; the coordinator deletes those a run no longer needs."""
+    lowest = max(0, step - 1 - cfg.distillation.max_staleness)
+    version, _ = latest_weights(rd, at_most=step - 1)
+    if lowest > 0 and version < lowest:
+        raise UserError(
+            f"cannot regenerate step {step}: it needs the student's weights of step "
+            f"{lowest if lowest == step - 1 else f'{lowest}..{step - 1}'} (weights/), which the run "
+            "no longer keeps (pruned once no longer needed; checkpointing.keep_weights_period "
+            "keeps more). Fix: rescore it with --stage teacher, or retrain from a checkpoint "
+            "with --stage training --step N.")
 
 
 def wait_for(run_dir: str, stage: str, step: int, job, timeout_s: Optional[float],

@@ -346,6 +346,10 @@ class CheckpointingConfig:
     """Checkpoints kept (the latest is always kept). null: all."""
     save_period: int = 10
     """Checkpoint every this many steps (and at the end)."""
+    keep_weights_period: Optional[int] = None
+    """weights/<step> (the student in HF format after each step, for generation) is pruned to
+    what generation, validation and a resume still need, plus the steps of kept checkpoints
+    and the last step. Set N to also keep every N-th step's weights; null: no others."""
     checkpoint_must_save_by: Optional[str] = None
     """Not supported: Sluice handles Slurm's pre-timeout signal instead; must be null."""
     model_save_format: str = "safetensors"

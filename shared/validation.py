@@ -305,6 +305,11 @@ def validate(cfg: SluiceConfig, check_models: bool = False) -> Plan:
     if ck.save_period < 1:
         raise config_error("checkpointing.save_period", value=ck.save_period,
                            problem="must be at least 1", fix="set checkpointing.save_period>=1")
+    if ck.keep_weights_period is not None and ck.keep_weights_period < 1:
+        raise config_error("checkpointing.keep_weights_period", value=ck.keep_weights_period,
+                           problem="must be at least 1 or null",
+                           fix="set checkpointing.keep_weights_period=null (keep only what the run "
+                               "needs) or a period >= 1")
     _check_choice("launch.executor", cfg.launch.executor, ("auto", "slurm", "local"))
     _check_cluster(cfg)
     if cfg.launch.max_retries < 0:

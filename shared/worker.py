@@ -244,8 +244,9 @@ def fault_point(name: str, step: int) -> None:
     """Fault injection for tests: SLUICE_FAULTS="checkpoint_save:2" SIGKILLs this process when
     it reaches the point `checkpoint_save` at step 2 (a real kill at an exact place, e.g. after
     a checkpoint's data is written and before it is committed); "optimizer_batch:2:sleep=30"
-    makes it sleep 30 s there instead (a worker busy in one long call), only the first time
-    in a run when SLUICE_FAULTS_DIR names a directory. Unset in production."""
+    makes it sleep 30 s there instead (a worker busy in one long call). When SLUICE_FAULTS_DIR
+    names a directory, each fault happens only the first time in a run (a restarted worker
+    passes the point). Unset in production."""
     spec = os.environ.get("SLUICE_FAULTS")
     if not spec:
         return
@@ -253,13 +254,13 @@ def fault_point(name: str, step: int) -> None:
         parts = item.split(":")
         if parts[:2] != [name, str(step)]:
             continue
+        once = os.environ.get("SLUICE_FAULTS_DIR")
+        if once:
+            try:
+                os.close(os.open(Path(once, f"{name}-{step}"), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                continue
         if len(parts) == 3 and parts[2].startswith("sleep="):
-            once = os.environ.get("SLUICE_FAULTS_DIR")  # set: each sleep happens once per run
-            if once:
-                try:
-                    os.close(os.open(Path(once, f"{name}-{step}"), os.O_CREAT | os.O_EXCL))
-                except FileExistsError:
-                    continue
             time.sleep(float(parts[2][len("sleep="):]))
         else:
             os.kill(os.getpid(), signal.SIGKILL)

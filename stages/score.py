@@ -502,7 +502,10 @@ class _Leader:
         self.rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.cfg, self.worker, self.step = cfg, worker, step
         self.owner = Owner.from_env()
-        self.finished_steps: set[int] = set()
+        # step -> when it was seen complete. Rechecked every lease_s: a complete step becomes
+        # pending again when its shards are quarantined (a resume from an older checkpoint
+        # redoes it, launch.resubmit, a corrupt shard found by a reader).
+        self.finished_steps: dict[int, float] = {}
         self.committed = 0
 
     def _queues(self, step: int) -> tuple[StageQueue, StageQueue]:
@@ -514,14 +517,14 @@ class _Leader:
         """``(scored_queue, rollouts_queue, claim)`` of a claimable shard, or None."""
         steps = [self.step] if self.step is not None else active_steps(self.rd, "scored")
         for step in steps:
-            if step in self.finished_steps:
+            if time.monotonic() - self.finished_steps.get(step, -float("inf")) < self.cfg.queue.lease_s:
                 continue
             rollouts, scored = self._queues(step)
             if scored.expected() is None:
                 continue
             pending = scored.pending()
             if not pending:
-                self.finished_steps.add(step)
+                self.finished_steps[step] = time.monotonic()
                 continue
             committed = rollouts.committed()
             while True:
