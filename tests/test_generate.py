@@ -101,6 +101,75 @@ def test_reload_in_place_equals_fresh_engine(student, tmp_path, tied):
         assert got == pytest.approx(want, abs=1e-3)
 
 
+# The trainer's export, in a process of its own (a process group of one rank): the real-shape
+# student loaded per rank into FSDP2 shards, every tensor moved by seeded noise (as training
+# would), exported in bf16 with the base model's files.
+EXPORT_AFTER_TRAINING = """
+import sys, torch
+from pathlib import Path
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from shared.distributed import build_sharded, export_hf, setup_distributed
+from stages.train import copy_model_files
+
+base, out = Path(sys.argv[1]), Path(sys.argv[2])
+d = setup_distributed(seed=0)
+def shard(m):
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in m.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(m, mesh=mesh)
+model = build_sharded(base, torch.float32, d, shard)
+g = torch.Generator().manual_seed(1)
+with torch.no_grad():
+    for p in model.parameters():
+        local = p.to_local()
+        local.add_(0.05 * torch.randn(local.shape, generator=g))
+out.mkdir()
+export_hf(model, out, torch.bfloat16, d)
+copy_model_files(base, out)
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.dist
+def test_reload_of_a_trainer_export_equals_fresh_engine_at_real_shapes(tmp_path):
+    """Real Qwen3 shapes (vocabulary 151,936, head_dim 128, 16/8 heads, tied, bf16 on disk):
+    after an in-place reload of what the trainer exports, the engine's logprobs equal a
+    fresh engine's on the exported weights."""
+    import subprocess
+    import sys
+
+    from shared.tiny import build_real_shape_models
+
+    base = Path(build_real_shape_models(tiny_models_dir())["realshape-student"])
+    new = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, "-c", EXPORT_AFTER_TRAINING, str(base), str(new)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_file(new / "model.safetensors")
+    assert exported["lm_head.weight"].dtype == torch.bfloat16
+    assert torch.equal(exported["lm_head.weight"], exported["model.embed_tokens.weight"])
+    cfg = greedy(smoke_cfg("policy.model_name=tiny:realshape-student",
+                           "policy.generation.max_new_tokens=24"))
+    rows = [{"sample_id": f"r{i}", "prompt_ids": [random.Random(i).randrange(151_000) for _ in range(n)]}
+            for i, n in enumerate((7, 40, 150))]
+
+    with Generator(cfg, base) as gen:
+        before = gen.generate(rows)
+        info = gen.load_weights(new, version=1)
+        after = gen.generate(rows)
+    assert info["tied"] is True and info["lm_head_rel_err"] < 1e-3
+    with Generator(cfg, new) as fresh:
+        expected = fresh.generate(rows)
+
+    assert before["response_ids"] != after["response_ids"], "the new weights must change the answers"
+    assert after["response_ids"] == expected["response_ids"]
+    for got, want in zip(after["gen_logprobs"], expected["gen_logprobs"]):
+        assert got == pytest.approx(want, abs=1e-3)
+
+
 @pytest.fixture(scope="module")
 def sampler(student):
     with Generator(smoke_cfg("policy.generation.max_new_tokens=40"), student) as gen:

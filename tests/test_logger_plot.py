@@ -90,7 +90,7 @@ def test_wandb_offline_has_metrics_and_no_secret(tmp_path, monkeypatch):
         if kind in ("run", "config"):
             updates = rec.run.config.update if kind == "run" else rec.config.update
             config.update({i.key: json.loads(i.value_json) for i in updates})
-    assert config["policy"]["model_name"] == "tiny:student"
+    assert config["policy"]["model_name"] == "tiny:student-tied"
     assert config["launch"]["name"] == "<redacted>"
 
     # A restarted coordinator continues the same wandb run.

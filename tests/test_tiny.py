@@ -61,6 +61,40 @@ def test_layout_and_configs(tiny):
             (Path(tiny["tokenizer"]) / "tokenizer.json").read_bytes()
 
 
+def test_tied_student_stores_no_lm_head(tiny):
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tiny["student-tied"])
+    assert cfg.tie_word_embeddings is True and cfg.vocab_size == 512
+    with safe_open(str(Path(tiny["student-tied"]) / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+
+
+def test_real_shape_models_have_qwen3_shapes():
+    """Qwen3-0.6B's vocabulary, heads and head size, tied embeddings, bf16 on disk."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    from shared.models import tiny_models_dir
+    from shared.tiny import build_real_shape_models
+
+    paths = build_real_shape_models(tiny_models_dir())
+    tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    assert len(tok) == 151_936
+    for name, layers in (("realshape-student", 2), ("realshape-teacher", 3)):
+        cfg = AutoConfig.from_pretrained(paths[name])
+        assert (cfg.vocab_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
+                cfg.num_hidden_layers, cfg.tie_word_embeddings) == (151_936, 128, 16, 8, layers, True)
+        assert str(cfg.dtype if hasattr(cfg, "dtype") else cfg.torch_dtype).endswith("bfloat16")
+        with safe_open(str(Path(paths[name]) / "model.safetensors"), "pt") as f:
+            assert "lm_head.weight" not in set(f.keys())
+            emb = f.get_slice("model.embed_tokens.weight")
+            assert emb.get_shape() == [151_936, cfg.hidden_size] and emb.get_dtype() == "BF16"
+        assert AutoTokenizer.from_pretrained(paths[name]).eos_token_id == tok.eos_token_id
+
+
 def test_build_is_cached_and_deterministic(tiny, tmp_path):
     from shared.tiny import MARKER, build_tiny_models
 
