@@ -131,6 +131,27 @@ def test_no_module_asks_cuda_in_a_way_that_initialises_it():
     assert not offenders, offenders
 
 
+def test_process_groups_are_created_in_one_place():
+    """Trainer and teacher get their process group from shared.distributed.setup_distributed
+    (30-minute collective timeout: the default 10 minutes is less than a slow rank's reading
+    or checkpoint save on a shared filesystem)."""
+    import ast
+
+    from shared.distributed import PG_TIMEOUT
+
+    assert PG_TIMEOUT.total_seconds() >= 1800
+    callers = []
+    for folder in ("stages", "shared", "launch", "bench"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                        and node.func.attr == "init_process_group":
+                    callers.append(path.relative_to(REPO).as_posix())
+    assert set(callers) == {"shared/distributed.py"}, callers
+    for stage in ("train", "score"):
+        assert "setup_distributed(" in (REPO / "stages" / f"{stage}.py").read_text(), stage
+
+
 def test_cuda_available_does_not_initialise_cuda_and_engine_spawns_on_gpu(monkeypatch):
     """On a GPU, the engine's worker processes are spawned (no fork after any CUDA call)."""
     import stages.generate as generate
