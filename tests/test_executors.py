@@ -87,6 +87,35 @@ def test_unit_task_finds_its_worker_and_gpus():
     assert local.my_worker(0, 3).task == 3 and local.my_worker(0, 4) is None
 
 
+def test_local_jobs_use_the_gpus_their_submitter_may_use(monkeypatch, tmp_path):
+    """submitit blanks CUDA_VISIBLE_DEVICES in local jobs: the submitter's devices travel in
+    SLUICE_VISIBLE_DEVICES, and a local job's workers index into them."""
+    import submitit
+
+    from launch.executors.local import LocalExecutor
+
+    cfg, units = _units("qwen3-4b-0.6b", False)
+    seen = {}
+    monkeypatch.setattr(submitit.LocalExecutor, "submit",
+                        lambda self, task: seen.update(env=dict(os.environ), task=task))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    monkeypatch.delenv("SLUICE_VISIBLE_DEVICES", raising=False)
+    executor = LocalExecutor(tmp_path, cfg, make_plan(cfg))
+    executor.submit(units["teacher-n0"])
+    assert seen["env"]["SLUICE_VISIBLE_DEVICES"] == "3,5,6,7"
+    assert "SLUICE_VISIBLE_DEVICES" not in os.environ  # only while submitting
+    # In the job: submitit's blank CUDA_VISIBLE_DEVICES, the submitter's devices beside it.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("SLUICE_VISIBLE_DEVICES", "3,5,6,7")
+    task = seen["task"]
+    assert task.job_devices() == "3,5,6,7"
+    teacher = units["teacher-n0"].workers[0]
+    assert visible_devices(list(teacher.gpus), task.job_devices()) == \
+        ",".join("3,5,6,7".split(",")[i] for i in teacher.gpus)
+    monkeypatch.setenv("SLUICE_VISIBLE_DEVICES", "")
+    assert visible_devices(list(teacher.gpus), task.job_devices()) == ",".join(map(str, teacher.gpus))
+
+
 def test_spare_task_slots_when_nodes_hold_different_numbers_of_workers():
     """A merged job over two nodes: the trainer on both, the engine and the teacher beside it
     on the first. Three tasks per node (Slurm's layout is uniform); the second node's two

@@ -123,6 +123,11 @@ def worker_command(w: WorkerPlan, run_dir: str, ctx: LaunchContext, step: Option
             "-m", module, *args]
 
 
+# The GPUs the process that started a local job may use (its CUDA_VISIBLE_DEVICES; submitit
+# blanks that variable in local jobs): what a local job's workers index into.
+LOCAL_DEVICES_ENV = "SLUICE_VISIBLE_DEVICES"
+
+
 def visible_devices(indices: Sequence[int], inherited: Optional[str]) -> str:
     """CUDA_VISIBLE_DEVICES of a worker: `indices` into the devices its job sees (`inherited`,
     the job's own CUDA_VISIBLE_DEVICES), or the indices themselves when the job sets none."""
@@ -147,6 +152,11 @@ class UnitTask:
     """Process only this step, then exit (launch.resubmit on a finished run)."""
     _child: Optional[subprocess.Popen] = field(default=None, repr=False, compare=False)
     _stop_reason: Optional[str] = field(default=None, repr=False, compare=False)
+
+    def job_devices(self) -> Optional[str]:
+        """The GPUs this job holds, as CUDA_VISIBLE_DEVICES lists them (None: all of the node's):
+        Slurm's binding, or for a local job those of the process that submitted it."""
+        return os.environ.get(LOCAL_DEVICES_ENV if self.local else "CUDA_VISIBLE_DEVICES")
 
     def my_worker(self, node: int, local_rank: int) -> Optional[WorkerPlan]:
         """The worker of Slurm task (SLURM_NODEID, SLURM_LOCALID); the local executor runs all
@@ -196,7 +206,7 @@ class UnitTask:
         env["SLUICE_ROLE"] = w.role
         env["SLUICE_JOB_KEY"] = self.unit.key
         indices = list(w.gpus) if self.local else self.unit.gpu_positions(w)
-        env["CUDA_VISIBLE_DEVICES"] = visible_devices(indices, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(indices, self.job_devices())
         if self.step is not None:
             env[ONE_SHOT_ENV] = str(self.step)
         end = self.end_time()
@@ -374,4 +384,4 @@ def one_shot_unit(units: Sequence[JobPlan], role: str) -> JobPlan:
 __all__ = ["Executor", "FAILED_STATES", "LIVE_STATES", "LaunchContext", "ONE_SHOT_ENV",
            "SchedulerError", "UnitTask", "job_name", "key_of_job_name", "log_folder",
            "one_shot_unit", "stderr_tail", "time_limit_min", "units_by_key", "visible_devices",
-           "worker_command"]
+           "LOCAL_DEVICES_ENV", "worker_command"]

@@ -20,8 +20,8 @@ from typing import Dict, List, Optional
 import submitit
 from submitit.local.local import LocalJob
 
-from launch.executors.base import (Executor, UnitTask, child_pids, job_name, key_of_job_name,
-                                   log_folder, time_limit_min)
+from launch.executors.base import (LOCAL_DEVICES_ENV, Executor, UnitTask, child_pids, job_name,
+                                   key_of_job_name, log_folder, time_limit_min)
 from shared.partition import JobPlan, job_units
 
 # The job name of a local job, in its controller's environment (Slurm has the real name):
@@ -71,15 +71,20 @@ class LocalExecutor(Executor):
         ex.update_parameters(timeout_min=time_limit_min(self.cfg.cluster.time_limit),
                              signal_delay_s=self.cfg.cluster.signal_delay_s,
                              tasks_per_node=len(unit.workers))
-        before = os.environ.get(JOB_NAME_ENV)
-        os.environ[JOB_NAME_ENV] = job_name(self.run_dir, unit.key, step is not None)  # copied by submitit
+        # Copied into the job by submitit, which sets CUDA_VISIBLE_DEVICES="" for its jobs:
+        # the job's name, and the GPUs this process may use (its workers index into them).
+        exported = {JOB_NAME_ENV: job_name(self.run_dir, unit.key, step is not None),
+                    LOCAL_DEVICES_ENV: os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+        before = {name: os.environ.get(name) for name in exported}
+        os.environ.update(exported)
         try:
             return ex.submit(UnitTask(str(self.run_dir), unit, local=True, step=step))
         finally:
-            if before is None:
-                os.environ.pop(JOB_NAME_ENV, None)
-            else:
-                os.environ[JOB_NAME_ENV] = before
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     def reattach(self, key: str, job_id: str):
         # No Popen: judged by its pid (state).
