@@ -61,6 +61,9 @@ def print_dry_run(cfg, node, plan) -> None:
     for r, p in plan.roles.items():
         print(f"  {r}: {p.num_nodes} node(s) x {p.gpus_per_node} GPUs, {p.num_tasks} task(s) of "
               f"{p.gpus_per_task} GPU(s), nodes {p.nodes}, gpus {p.gpu_ids}")
+    from shared.memory import memory_plan
+
+    print(memory_plan(cfg, plan).format(), end="")
     from launch.executors.slurm import render_run
 
     print(render_run(cfg, plan), end="")

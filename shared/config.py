@@ -527,6 +527,12 @@ class ClusterConfig:
     cluster.mem_per_gpu_gb is required."""
     gpu_type: Optional[str] = None
     """GPU type in the GRES request, e.g. a100 gives --gres=gpu:a100:4 (null: --gres=gpu:4)."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU in GB (2^30 bytes). Each role's estimated peak per GPU is checked
+    against it before anything is submitted (shared/memory.py; launch.dry_run prints it)."""
+    memory_check: str = "refuse"
+    """A role whose estimated peak exceeds cluster.gpu_memory_gb: refuse (exit 2 naming the
+    keys that fix it), warn (launch anyway), or off (no check)."""
     reservation: Optional[str] = None
     """Slurm reservation of the role jobs."""
     constraint: Optional[str] = None

@@ -17,6 +17,7 @@ from typing import List, Optional
 
 from shared.config import SluiceConfig
 from shared.errors import config_error
+from shared.memory import check_memory
 from shared.partition import Plan, plan as make_plan
 from shared.recipe import REPO_ROOT
 
@@ -322,6 +323,7 @@ def validate(cfg: SluiceConfig, check_models: bool = False) -> Plan:
                            "so a live worker's claim is never taken as stale",
                            fix="raise queue.lease_s or lower queue.heartbeat_s")
 
+    check_memory(cfg, plan)
     _check_models(cfg, required=check_models)
     return plan
 

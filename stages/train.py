@@ -424,7 +424,9 @@ class Trainer:
             if i < len(groups):
                 mb = collate([mine[j] for j in groups[i]], self.pad_id, self.pad_multiple).to(d.device)
                 self.gather.set(mb.rows, mb.cols)
-                logits = self.model(input_ids=mb.input_ids, use_cache=False).logits[0]
+                # squeeze, not [0]: the backward of an index allocates a zero-filled copy of
+                # the whole [1, T, V] logits (GBs at 20k tokens x 151,936), a squeeze's is a view.
+                logits = self.model(input_ids=mb.input_ids, use_cache=False).logits.squeeze(0)
                 loss, m = distillation_loss(
                     logits, mb.topk_ids, mb.topk_logprobs,
                     torch.ones(mb.rows.shape[0], dtype=torch.bool, device=d.device), n_valid,

@@ -21,6 +21,7 @@ EXPECTED_PLANS = {
     "smoke": (False, {"training": (1, 2, 1), "generation": (1, 1, 1), "teacher": (1, 1, 1)}),
     "smoke-slurm": (True, {"training": (1, 1, 1), "generation": (1, 1, 1), "teacher": (1, 1, 1)}),
     "smoke-self": (False, {"training": (1, 2, 1), "generation": (1, 1, 1), "teacher": (1, 1, 1)}),
+    "smoke-real-shape": (False, {"training": (1, 2, 1), "generation": (1, 1, 1), "teacher": (1, 1, 1)}),
     "learn": (False, {"training": (1, 2, 1), "generation": (1, 1, 1), "teacher": (1, 1, 1)}),
     "distillation_math": (False, {"training": (1, 2, 1), "generation": (1, 4, 4), "teacher": (1, 2, 2)}),
     "qwen3-4b-0.6b": (False, {"training": (1, 2, 1), "generation": (1, 1, 1), "teacher": (1, 1, 1)}),
