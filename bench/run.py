@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ["queue", "generate", "score", "train", "coordinator", "learn"]
+MODULES = ["queue", "generate", "score", "train", "coordinator", "learn", "memory", "sharded"]
 TITLES = {
     "queue": "Run-directory queue (issue 3)",
     "generate": "Generation stage (issue 4)",
@@ -31,6 +31,8 @@ TITLES = {
     "train": "Training stage (issue 4)",
     "coordinator": "Coordinator (issue 5)",
     "learn": "Learning check (issue 8, also `make learn`)",
+    "memory": "Memory plan vs measured CPU allocations (issue 14)",
+    "sharded": "Host memory per rank: per-rank sharded load and export vs rank 0 (issue 14)",
 }
 
 
@@ -138,6 +140,18 @@ def fmt(x) -> str:
     return "-" if x is None else str(x)
 
 
+def gpu_check_section(text: str) -> str:
+    """The "## GPU check" section of a BENCHMARKS.md text (up to the next "## "), or ""."""
+    from bench.gpu_check import SECTION
+
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip("\r\n") == SECTION), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "".join(lines[start:end])
+
+
 def write_reports(results: dict, md_path: Path) -> None:
     mach = machine()
     lines = ["# Benchmarks", "",
@@ -178,7 +192,15 @@ def write_reports(results: dict, md_path: Path) -> None:
                   "benchmarked yet.", ""]
     met = [e for e in all_entries if e["met"] is not None]
     lines.insert(4, f"Targets met: {sum(e['met'] for e in met)} of {len(met)}.\n")
-    md_path.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    # `make gpu-check` writes its own section, on a GPU machine: kept as it is.
+    old = md_path.read_text() if md_path.exists() else ""
+    gpu = gpu_check_section(old)
+    if gpu:
+        from bench.gpu_check import replace_section
+
+        text = replace_section(text, gpu)
+    md_path.write_text(text)
     md_path.with_suffix(".json").write_text(json.dumps(
         {"machine": mach, "time": time.time(), "entries": all_entries, "raw": results},
         indent=1, default=str) + "\n")
