@@ -255,14 +255,13 @@ class Coordinator:
         path = self.rd.path("data", "train.arrow")
         if path.exists():
             return
-        from transformers import AutoTokenizer
-
+        from shared.chat import ChatTokenizer
         from shared.data import PromptBuilder, load_rows, save_prompt_rows, split_validation
         from shared.models import find_model
 
         cfg = self.cfg
         tok_name = cfg.policy.tokenizer.name or cfg.policy.model_name
-        tokenizer = AutoTokenizer.from_pretrained(str(find_model(tok_name)))
+        tokenizer = ChatTokenizer.from_dir(find_model(tok_name))
         rows, skipped = load_rows(cfg.data.train, cfg, "train")
         rows, held_out = split_validation(rows, cfg.data.train)
         builder = PromptBuilder(cfg, tokenizer, cfg.data.train)

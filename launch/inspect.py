@@ -178,8 +178,7 @@ def print_status(st: dict) -> None:
 
 
 def _tokenizer(rd: RunDir):
-    from transformers import AutoTokenizer
-
+    from shared.chat import ChatTokenizer
     from shared.models import find_model
     from shared.worker import load_run_config
 
@@ -187,7 +186,7 @@ def _tokenizer(rd: RunDir):
     path = find_model(cfg.policy.tokenizer.name or cfg.policy.model_name)
     if path is None or not Path(path).exists():
         return None
-    return AutoTokenizer.from_pretrained(str(path))
+    return ChatTokenizer.from_dir(path)
 
 
 def decode_rows(rd: RunDir, step: int, stage: str, shard: Optional[int], head: int, topn: int = 3) -> List[dict]:

@@ -60,8 +60,7 @@ import pyarrow.compute as pc
 
 from shared import schemas
 from shared.queue import CorruptShardError, RunDir, StageQueue
-from shared.worker import atomic_write_json, read_json
-from stages.generate import validation_run_dir
+from shared.worker import atomic_write_json, read_json, validation_run_dir
 
 log = logging.getLogger("sluice.validation")
 
@@ -155,12 +154,10 @@ class Validation:
             return 0
         rows, skipped, ds, label = source
         if tokenizer is None:
-            from transformers import AutoTokenizer
-
+            from shared.chat import ChatTokenizer
             from shared.models import find_model
 
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(find_model(cfg.policy.tokenizer.name or cfg.policy.model_name)))
+            tokenizer = ChatTokenizer.from_dir(find_model(cfg.policy.tokenizer.name or cfg.policy.model_name))
         from shared.data import PromptBuilder, save_prompt_rows
 
         builder = PromptBuilder(cfg, tokenizer, ds)

@@ -222,6 +222,16 @@ def is_committed_dir(path: Path) -> bool:
     return (path / COMMITTED).is_file()
 
 
+# The validation queue's root inside RUN_DIR: launch/validation.py writes its prompts, the
+# generation workers answer them.
+VALIDATION_DIR = "validation"
+
+
+def validation_run_dir(rd: RunDir) -> RunDir:
+    """The RunDir of the validation queue: RUN_DIR/validation/steps/<version>/<stage>/."""
+    return RunDir(rd.path(VALIDATION_DIR))
+
+
 def weights_path(rd: RunDir, step: int) -> Path:
     return rd.path("weights", f"{step:06d}")
 

@@ -72,7 +72,8 @@ from shared.models import ensure_model
 from shared.queue import ClaimLostError, CorruptShardError, RunDir, StageQueue
 from shared.schemas import build_table
 from shared.worker import (COMMITTED, StopRequested, Worker, active_steps, fault_point,
-                           is_committed_dir, latest_weights, read_json, weights_path)
+                           is_committed_dir, latest_weights, read_json, validation_run_dir,
+                           weights_path)
 
 log = logging.getLogger("sluice.generate")
 
@@ -82,14 +83,6 @@ _SEED_MASK = 0x7FFF_FFFF
 # The first generate call with logprobs is several times slower than later ones: paid once at
 # start-up, not inside the first shard's timing.
 _WARMUP_PROMPT = [0, 1, 2, 3]
-# The validation queue's root inside RUN_DIR (launch/validation.py writes its prompts).
-VALIDATION_DIR = "validation"
-
-
-def validation_run_dir(rd: RunDir) -> RunDir:
-    """The RunDir of the validation queue: RUN_DIR/validation/steps/<version>/<stage>/."""
-    return RunDir(rd.path(VALIDATION_DIR))
-
 
 def resolve_model(name: str) -> Path:
     return ensure_model(name, "policy.model_name")

@@ -14,7 +14,7 @@ from launch.validation import ACCURACY, AVG_LENGTH, Validation, scheduled_versio
 from shared.queue import RunDir, StageQueue
 from shared.recipe import load
 from shared.schemas import build_table
-from stages.generate import validation_run_dir
+from shared.worker import validation_run_dir
 
 
 def make_run(tmp_path, *overrides):
