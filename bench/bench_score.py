@@ -75,7 +75,7 @@ def _setup(seq_len: int):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (seq_len,), generator=g)
     prompt, response = ids[:PROMPT_TOKENS], ids[PROMPT_TOKENS:]
-    teacher = score.Teacher(scorer=score._Scorer(model), name="bench", device=device,
+    teacher = score.Teacher(scorer=score.Scorer(model), name="bench", device=device,
                             temperature=TEMPERATURE, topk=TOPK, chunk_size=CHUNK, mb_tokens=seq_len,
                             max_seq_len=seq_len, pad_id=0)
 

@@ -80,7 +80,7 @@ def write_scored_step(run_dir, step: int, n_shards: int, rows_per_shard: int, *,
     return tables
 
 
-def _make_run_dir(root: Path, overrides: list[str]) -> RunDir:
+def make_run_dir(root: Path, overrides: list[str]) -> RunDir:
     from shared.recipe import load
 
     _, node = load("smoke", overrides)
@@ -148,7 +148,7 @@ def _measure(name: str, root: Path, overrides: list[str], vocab: int, rounds: in
     from stages.train import Trainer, collate, plan_micro_batches, samples_from_table
     from shared.worker import load_run_config
 
-    rd = _make_run_dir(root, overrides)
+    rd = make_run_dir(root, overrides)
     cfg = load_run_config(rd)
     d = setup_distributed(cfg.distillation.seed)
     assert d.world == 1, "run the benchmark as one process"

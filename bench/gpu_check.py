@@ -91,7 +91,7 @@ SMOKE_OVERRIDES = [
 # ------------------------------------------------------------------------ configs
 
 
-def qwen3_config(eos_id: Optional[int] = None, pad_id: Optional[int] = None):
+def _qwen3_config(eos_id: Optional[int] = None, pad_id: Optional[int] = None):
     """The transformers Qwen3Config of the random Qwen3-1.7B (bfloat16)."""
     from transformers import Qwen3Config
 
@@ -157,7 +157,7 @@ def part_build(workdir: Path) -> dict:
     out = workdir / "model"
     tokenizer = build_tokenizer(VOCAB)
     eos, pad = tokenizer.convert_tokens_to_ids(EOS_TOKEN), tokenizer.convert_tokens_to_ids(PAD_TOKEN)
-    config = qwen3_config(eos, pad)
+    config = _qwen3_config(eos, pad)
     torch.manual_seed(0)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -460,7 +460,8 @@ def part_train(workdir: Path) -> dict:
 def part_smoke(workdir: Path) -> dict:
     """The real-shape smoke on CUDA, the three roles on the one GPU."""
     from shared.queue import RunDir
-    from shared.worker import is_committed_dir, read_json, weights_path
+    from shared.files import read_json
+    from shared.worker import is_committed_dir, weights_path
 
     run_dir = workdir / "smoke-run"
     started = time.perf_counter()
@@ -638,7 +639,7 @@ def dry_run(parts: list[str]) -> int:
     v = _versions()
     print(f"gpu_check --dry-run: python {platform.python_version()}, torch {v['torch']}, "
           f"transformers {v['transformers']}, vllm {v['vllm']}")
-    config = qwen3_config()
+    config = _qwen3_config()
     params = count_parameters(config)
     print(f"model: Qwen3-1.7B shape ({', '.join(f'{k}={x}' for k, x in QWEN3_1P7B.items())}, "
           f"vocab_size={config.vocab_size}), bfloat16")

@@ -52,8 +52,8 @@ from launch.executors.local import pid_alive
 from shared import schemas
 from shared.partition import ROLE_LABELS, Plan
 from shared.queue import RunDir, StageQueue
-from shared.worker import (FINAL_STATUSES, active_steps, atomic_write_json, fault_point,
-                           is_committed_dir, load_run_config, read_json)
+from shared.files import atomic_write_json, read_json
+from shared.worker import FINAL_STATUSES, active_steps, fault_point, is_committed_dir, load_run_config
 
 log = logging.getLogger("sluice.coordinator")
 ROLES = ("generation", "teacher", "training")

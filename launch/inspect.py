@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 from shared.errors import UserError, exit_with
 from shared.queue import RunDir, StageQueue, check_shard_index, check_step
 from shared.schemas import STAGES, check_stage
-from shared.worker import read_json
+from shared.files import read_json
 
 
 def _open_run(path: str) -> RunDir:

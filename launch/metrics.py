@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from shared.queue import RunDir, StageQueue
-from shared.worker import read_json
+from shared.files import read_json
 
 STAGE_BUSY_KEY = {"rollouts": "gen_s", "scored": "score_s"}
 STAGE_LABEL = {"rollouts": "generation", "scored": "teacher"}

@@ -28,7 +28,8 @@ from typing import List, Optional, Tuple
 from shared.errors import UserError, exit_with
 from shared.partition import Plan
 from shared.queue import RunDir, StageQueue, check_shard_index, check_step
-from shared.worker import FINAL_STATUSES, is_committed_dir, latest_weights, load_run_config, read_json
+from shared.files import read_json
+from shared.worker import FINAL_STATUSES, is_committed_dir, latest_weights, load_run_config
 
 OUTPUT = {"generation": ["rollouts", "scored"], "teacher": ["scored"]}
 

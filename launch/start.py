@@ -26,7 +26,7 @@ from shared import schemas
 from shared.errors import UserError
 from shared.recipe import REPO_ROOT
 from shared.validation import resolve_path
-from shared.worker import atomic_write_json, read_json
+from shared.files import atomic_write_json, read_json
 
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN")
 # 2: jobs are whole-node groups keyed by job key (coordinator/state.json, logs/<key>/).

@@ -60,7 +60,8 @@ import pyarrow.compute as pc
 
 from shared import schemas
 from shared.queue import CorruptShardError, RunDir, StageQueue
-from shared.worker import atomic_write_json, read_json, validation_run_dir
+from shared.files import atomic_write_json, read_json
+from shared.worker import validation_run_dir
 
 log = logging.getLogger("sluice.validation")
 

@@ -108,6 +108,7 @@ import pyarrow as pa
 import xxhash
 
 from shared import schemas
+from shared.files import atomic_write_bytes, fsync_dir, json_bytes, temp_name, unlink
 from shared.schemas import check_stage
 
 log = logging.getLogger("sluice.queue")
@@ -184,49 +185,7 @@ def parse_shard_name(name: str) -> int:
     return int(m.group(1))
 
 
-# ------------------------------------------------------------------- file primitives
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_name(final: Path) -> Path:
-    # Leading dot: never matched as a shard; host+pid: verify can say who left it.
-    return final.with_name(f".{final.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True, fsync_dir: bool = True) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new file, never a mix."""
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    if fsync_dir:
-        _fsync_dir(path.parent)
-
-
-def _unlink(path: Path) -> bool:
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+# ------------------------------------------------------------------- manifest
 
 
 def _manifest_bytes(head: dict, record_lines: list[str]) -> bytes:
@@ -480,7 +439,7 @@ class Claim:
             if self._fd is None:
                 return False
             self._info["heartbeat"] = time.time()
-            data = _json_bytes(self._info)
+            data = json_bytes(self._info)
             # Through our own descriptor: only ever touches the file we created.
             os.pwrite(self._fd, data, 0)
             os.ftruncate(self._fd, len(data))
@@ -540,13 +499,13 @@ def _displace(path: Path, seen: _ClaimSeen) -> bool:
         return False
     got = _look(aside)
     if got is not None and seen.same_file(got):
-        _unlink(aside)
+        unlink(aside)
         return True
     try:
         os.link(aside, path)
     except FileExistsError:
         log.warning("%s: displaced a live claim that could not be restored; its holder will see it lost", path)
-    _unlink(aside)
+    unlink(aside)
     return False
 
 
@@ -624,9 +583,9 @@ class StageQueue:
             raise ValueError(f"n_shards={n_shards!r} must be an int in [0, {MAX_SHARDS}]")
         self._ensure_dir()
         path = self.dir / EXPECTED
-        tmp = _temp_name(path)
+        tmp = temp_name(path)
         with open(tmp, "xb") as f:
-            f.write(_json_bytes({"format": "sluice.expected/1", "expected": n_shards}))
+            f.write(json_bytes({"format": "sluice.expected/1", "expected": n_shards}))
             f.flush()
             os.fsync(f.fileno())
         try:
@@ -639,8 +598,8 @@ class StageQueue:
                     "shard count is fixed once set (redo it by removing the stage directory)"
                 ) from None
         finally:
-            _unlink(tmp)
-        _fsync_dir(self.dir)
+            unlink(tmp)
+        fsync_dir(self.dir)
         self._refresh_manifest()
 
     def expected(self) -> int | None:
@@ -755,7 +714,7 @@ class StageQueue:
                     pass
             # Derived data: atomic but not fsync'd, a crash at worst leaves an older summary,
             # which verify() rewrites. Skipping the fsync keeps commits near copy speed.
-            _atomic_write_bytes(self.dir / MANIFEST, want, fsync=False, fsync_dir=False)
+            atomic_write_bytes(self.dir / MANIFEST, want, fsync=False, sync_dir=False)
             written, wrote = want, True
         raise RuntimeError(f"{self.dir}: manifest did not settle after 1000 rewrites")
 
@@ -806,10 +765,10 @@ class StageQueue:
         try:
             # No fsync: until the first heartbeat flushes it, another node may see an empty
             # claim, which counts as fresh by its mtime. Creation itself is atomic (O_EXCL).
-            os.write(fd, _json_bytes(info))
+            os.write(fd, json_bytes(info))
         except BaseException:
             os.close(fd)
-            _unlink(path)
+            unlink(path)
             raise
         return Claim(path, index, owner, self.lease_s, fd, info)
 
@@ -874,7 +833,7 @@ class StageQueue:
             raise ValueError(f"{claim} is not a claim on {final}")
         extra = json.loads(json.dumps(extra_meta or {}))  # fail now, not after writing
         self._ensure_dir()
-        tmp = _temp_name(final)
+        tmp = temp_name(final)
         options = pa.ipc.IpcWriteOptions(compression=self.compression)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -894,10 +853,10 @@ class StageQueue:
                     f"{claim.lease_s}s); another worker redoes {final}. Heartbeat more often "
                     "(Claim.start_heartbeat) or raise queue.lease_s"
                 )
-            _unlink(self._record_path(index))
+            unlink(self._record_path(index))
             os.replace(tmp, final)
         except BaseException:
-            _unlink(tmp)
+            unlink(tmp)
             raise
         record = {
             "format": "sluice.shard-record/1",
@@ -918,8 +877,8 @@ class StageQueue:
         # One directory fsync for both renames. If a crash persisted the record's rename but
         # not the data's, the checksum no longer matches and the shard is quarantined and
         # redone: integrity never depends on rename ordering, only durability does.
-        _atomic_write_bytes(self._record_path(index), _json_bytes(record), fsync_dir=False)
-        _fsync_dir(self.dir)
+        atomic_write_bytes(self._record_path(index), json_bytes(record), sync_dir=False)
+        fsync_dir(self.dir)
         self._refresh_manifest()
         return record
 
@@ -994,11 +953,11 @@ class StageQueue:
             moved = None
         info = {"reason": reason, "record": record, "shard": str(path), "moved_to": str(moved) if moved else None,
                 "time": time.time(), "by": asdict(Owner.from_env())}
-        _atomic_write_bytes(dest.with_name(dest.name + ".reason.json"), _json_bytes(info))
+        atomic_write_bytes(dest.with_name(dest.name + ".reason.json"), json_bytes(info))
         current = self.record(index)
         if record is not None and current is not None and current.get("commit_id") == record.get("commit_id"):
-            _unlink(self._record_path(index))
-        _fsync_dir(self.dir)
+            unlink(self._record_path(index))
+        fsync_dir(self.dir)
         self._refresh_manifest()
         log.warning("%s: quarantined (%s) to %s; the shard is pending again", path, reason, moved)
         return moved
@@ -1073,7 +1032,7 @@ class StageQueue:
                 else:
                     kind = "unexpected file"
                 deletable = not kind.startswith("unexpected") and not name.endswith(RECORD_SUFFIX)
-                action = "deleted" if repair and deletable and _unlink(Path(e.path)) else "none"
+                action = "deleted" if repair and deletable and unlink(Path(e.path)) else "none"
                 report.orphaned.append({"path": e.path, "kind": kind, "action": action})
         report.manifest_rewritten = self._refresh_manifest()
         return report

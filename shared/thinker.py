@@ -297,7 +297,7 @@ def train_thinker(seed: int = 0, minutes: float = DEFAULT_MINUTES, max_steps: in
     import torch
     from transformers import Qwen3ForCausalLM
 
-    from shared.tiny import INIT_STD, TEACHER_CONFIG, _qwen3_config, build_tokenizer
+    from shared.tiny import INIT_STD, TEACHER_CONFIG, qwen3_config, build_tokenizer
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -305,7 +305,7 @@ def train_thinker(seed: int = 0, minutes: float = DEFAULT_MINUTES, max_steps: in
         start = time.perf_counter()
         tokenizer = build_tokenizer()
         pad = tokenizer.pad_token_id
-        config = _qwen3_config(TEACHER_CONFIG, tokenizer)
+        config = qwen3_config(TEACHER_CONFIG, tokenizer)
         config.initializer_range = 0.02  # a trainable init; tiny.py's 0.2 is for random text
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config).to(torch.float32)

@@ -206,7 +206,7 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
     )
 
 
-def _qwen3_config(sizes: dict, tokenizer):
+def qwen3_config(sizes: dict, tokenizer):
     from transformers import Qwen3Config
 
     return Qwen3Config(
@@ -227,7 +227,7 @@ def _save_model(sizes: dict, tokenizer, seed: int, out: Path) -> None:
     import torch
     from transformers import GenerationConfig, Qwen3ForCausalLM
 
-    config = _qwen3_config(sizes, tokenizer)
+    config = qwen3_config(sizes, tokenizer)
     torch.manual_seed(seed)
     dtype = getattr(torch, sizes.get("dtype", "float32"))
     model = Qwen3ForCausalLM(config).to(dtype).eval()

@@ -20,7 +20,6 @@ Files this module reads and writes in RUN_DIR:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -36,24 +35,13 @@ from typing import Optional, Tuple
 from omegaconf import OmegaConf
 
 from shared.config import SluiceConfig, register
-from shared.queue import Owner, RunDir, _atomic_write_bytes, _fsync_dir, _json_bytes
+from shared.files import atomic_write_json, fsync_dir
+from shared.queue import Owner, RunDir
 
 COMMITTED = "COMMITTED.json"
 # A worker record with one of these statuses is of a worker that is gone.
 FINAL_STATUSES = ("exited", "done", "stopped", "failed", "lost")
 log = logging.getLogger("sluice.worker")
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, _json_bytes(obj))
-
-
-def read_json(path: Path, default=None):
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return default
 
 
 def load_run_config(run_dir) -> SluiceConfig:
@@ -197,7 +185,7 @@ def commit_dir(tmp: Path, final: Path, meta: dict) -> None:
     # commit_id tells apart two commits of the same step (a step redone after a resume).
     atomic_write_json(tmp / COMMITTED, {**meta, "commit_id": uuid.uuid4().hex,
                                         "committed_at": time.time()})
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
@@ -205,7 +193,7 @@ def commit_dir(tmp: Path, final: Path, meta: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def temp_dir_for(final: Path) -> Path:

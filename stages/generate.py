@@ -71,9 +71,9 @@ from shared.config import SluiceConfig
 from shared.models import ensure_model
 from shared.queue import ClaimLostError, CorruptShardError, RunDir, StageQueue
 from shared.schemas import build_table
+from shared.files import read_json
 from shared.worker import (COMMITTED, StopRequested, Worker, active_steps, fault_point,
-                           is_committed_dir, latest_weights, read_json, validation_run_dir,
-                           weights_path)
+                           is_committed_dir, latest_weights, validation_run_dir, weights_path)
 
 log = logging.getLogger("sluice.generate")
 

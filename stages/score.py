@@ -83,7 +83,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # ----------------------------------------------------------------------------- the model
 
 
-class _Scorer(nn.Module):
+class Scorer(nn.Module):
     """The causal LM wrapped so that one ``forward`` does body + chunked head + top-k.
 
     Being one module matters under FSDP2: the root's pre-forward hook unshards the
@@ -126,7 +126,7 @@ class _Scorer(nn.Module):
 class Teacher:
     """A loaded, frozen teacher and the scoring settings (``dataclasses.replace`` to vary them)."""
 
-    scorer: _Scorer
+    scorer: Scorer
     name: str
     """cfg.teacher.model_name, recorded in every scored row."""
     device: torch.device
@@ -216,7 +216,7 @@ def load_teacher(cfg: SluiceConfig, device: Optional[torch.device] = None) -> Te
                          f"vocabulary ({vocab})")
     if not sharded:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        scorer = _Scorer(lm)
+        scorer = Scorer(lm)
     else:
         scorer = _load_sharded(path, config, dtype, device)
     scorer.eval().requires_grad_(False)
@@ -225,7 +225,7 @@ def load_teacher(cfg: SluiceConfig, device: Optional[torch.device] = None) -> Te
                    pad_id=int(pad) if pad is not None else 0, sharded=sharded, **settings)
 
 
-def _load_sharded(path: Path, config, dtype: torch.dtype, device: torch.device) -> _Scorer:
+def _load_sharded(path: Path, config, dtype: torch.dtype, device: torch.device) -> Scorer:
     """Every rank builds the teacher on meta, shards it per decoder layer and reads only its
     own slices of the checkpoint (shared.distributed.build_sharded)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -233,7 +233,7 @@ def _load_sharded(path: Path, config, dtype: torch.dtype, device: torch.device) 
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
 
-    def shard(scorer: _Scorer) -> _Scorer:
+    def shard(scorer: Scorer) -> Scorer:
         layers = getattr(scorer.lm.base_model, "layers", None)
         if layers is None:
             raise ValueError(f"{path}: {type(scorer.lm).__name__} has no base_model.layers to "
@@ -246,7 +246,7 @@ def _load_sharded(path: Path, config, dtype: torch.dtype, device: torch.device) 
         return scorer
 
     d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
-    return build_sharded(path, dtype, d, shard, wrap=_Scorer, prefix="lm.")
+    return build_sharded(path, dtype, d, shard, wrap=Scorer, prefix="lm.")
 
 
 # ------------------------------------------------------------------------------ scoring

@@ -92,10 +92,10 @@ from shared.loss import distillation_loss
 from shared.models import ensure_model
 from shared.queue import CorruptShardError, NotCommittedError, RunDir, StageQueue
 from shared.schemas import ragged_from_arrow, topk_from_arrow
+from shared.files import atomic_write_json
 from shared.worker import (
     Worker,
     fault_point,
-    atomic_write_json,
     commit_dir,
     is_committed_dir,
     load_run_config,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bench_train import _make_run_dir, write_scored_step
+from bench.bench_train import make_run_dir, write_scored_step
 from shared.models import tiny_models_dir
 from shared.tiny import build_tiny_models
 from stages.train import committed_checkpoints
@@ -32,7 +32,7 @@ def train(run_dir, faults=None):
 
 
 def make_run(path):
-    rd = _make_run_dir(path, OVERRIDES)
+    rd = make_run_dir(path, OVERRIDES)
     for step in (1, 2, 3):
         write_scored_step(rd, step, 2, 8, vocab=VOCAB, k=K)
     return rd

@@ -67,7 +67,8 @@ def stop_run(run_dir: Path) -> None:
     or its local job process trees. A finished run has nothing left, so this is a no-op."""
     from launch.executors import base as J, make_executor
     from shared.partition import Plan
-    from shared.worker import load_run_config, read_json
+    from shared.files import read_json
+    from shared.worker import load_run_config
 
     run = read_json(run_dir / "run.json") or {}
     if "plan" not in run:

@@ -177,7 +177,7 @@ def test_manifest_refresh_converges_when_a_commit_lands_between_scan_and_write(t
     # another committer's whole commit runs after our scan and before our replace.
     q, other = StageQueue(tmp_path, 0, "prompts"), StageQueue(tmp_path, 0, "prompts")
     q.expect(2)
-    write = queue._atomic_write_bytes
+    write = queue.atomic_write_bytes
     sneaked = []
 
     def racing_write(path, data, **kwargs):
@@ -186,7 +186,7 @@ def test_manifest_refresh_converges_when_a_commit_lands_between_scan_and_write(t
             other.commit(1, table("prompts", 1))
         write(path, data, **kwargs)
 
-    monkeypatch.setattr(queue, "_atomic_write_bytes", racing_write)
+    monkeypatch.setattr(queue, "atomic_write_bytes", racing_write)
     q.commit(0, table("prompts", 0))
     assert sneaked and sorted(q.manifest()["committed"]) == ["shard-00000.arrow", "shard-00001.arrow"]
 

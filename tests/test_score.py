@@ -74,7 +74,7 @@ def teacher64(teacher):
     batches), by up to ~1e-5 on this model's logits (|logit| ~ 12), which would hide what the
     tests check. In float64 that noise is ~1e-14; the LM head's output is still cast to
     float32, so the scoring path (fp32 log-softmax and top-k) is the one that runs."""
-    return replace(teacher, scorer=score._Scorer(copy.deepcopy(teacher.lm).double()))
+    return replace(teacher, scorer=score.Scorer(copy.deepcopy(teacher.lm).double()))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -130,7 +130,7 @@ def shard_rows(index: int):
     return prompts, responses
 
 
-def make_run_dir(path: Path) -> RunDir:
+def _make_run_dir(path: Path) -> RunDir:
     """A run directory with the smoke config and step 1's rollouts shards committed."""
     path.mkdir(parents=True, exist_ok=True)
     node = load("smoke", OVERRIDES)[1]
@@ -225,7 +225,7 @@ def test_shard_roundtrip_through_queue(teacher, tmp_path):
 
 
 def test_worker_commits_every_shard_once(tiny_dir, teacher, tmp_path):
-    rd = make_run_dir(tmp_path / "run")
+    rd = _make_run_dir(tmp_path / "run")
     assert score.run_worker(rd.root, step=1) == N_SHARDS
     scored = StageQueue(rd, 1, "scored")
     records = scored.committed()
@@ -246,7 +246,7 @@ def test_worker_commits_every_shard_once(tiny_dir, teacher, tmp_path):
 
 
 def test_queue_compression_reaches_scored_shards(tiny_dir, teacher, tmp_path):
-    rd = make_run_dir(tmp_path / "run")
+    rd = _make_run_dir(tmp_path / "run")
     cfg = OmegaConf.load(rd.path("config.yaml"))
     cfg.queue.compression = "zstd"
     OmegaConf.save(cfg, rd.path("config.yaml"))
@@ -269,7 +269,7 @@ def wait_for(condition, timeout_s: float = 60.0) -> None:
 def test_long_lived_worker_waits_for_rollouts_and_stops(tiny_dir, tmp_path):
     """Without --step: every active step, a scored shard only once its rollouts shard is
     committed, and exit on coordinator/STOP."""
-    rd = make_run_dir(tmp_path / "run")
+    rd = _make_run_dir(tmp_path / "run")
     rollouts2, scored2 = StageQueue(rd, 2, "rollouts"), StageQueue(rd, 2, "scored")
     rollouts2.expect(2)
     scored2.expect(2)
@@ -298,7 +298,7 @@ def test_long_lived_worker_waits_for_rollouts_and_stops(tiny_dir, tmp_path):
 
 @pytest.mark.dist
 def test_two_rank_fsdp_matches_one_process(tiny_dir, teacher, tmp_path):
-    rd = make_run_dir(tmp_path / "run")
+    rd = _make_run_dir(tmp_path / "run")
     out = tmp_path / "dist.pt"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

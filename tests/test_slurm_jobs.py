@@ -115,7 +115,7 @@ def test_isolated_recipe_holds_exactly_its_nodes_from_a_coordinator_job(slurm_cl
 def test_training_across_two_nodes_matches_one_node(slurm_cluster, tiny_models, tmp_path):
     """One training step on two nodes (torchrun c10d rendezvous over the job's two nodes,
     gloo, one rank per node) gives the losses of the same step on one node with two ranks."""
-    from bench.bench_train import _make_run_dir, write_scored_step
+    from bench.bench_train import make_run_dir, write_scored_step
     from launch.executors.base import LIVE_STATES
     from launch.executors.slurm import SlurmExecutor
     from shared.partition import plan as make_plan
@@ -129,8 +129,8 @@ def test_training_across_two_nodes_matches_one_node(slurm_cluster, tiny_models, 
         "distillation.resource_isolation.roles.training.gpus_per_node=1",
         "distillation.resource_isolation.roles.generation.gpus_per_node=1",
         "distillation.resource_isolation.roles.teacher.gpus_per_node=1"]
-    one = _make_run_dir(tmp_path / "one", OVERRIDES)
-    two = _make_run_dir(tmp_path / "two", two_nodes)
+    one = make_run_dir(tmp_path / "one", OVERRIDES)
+    two = make_run_dir(tmp_path / "two", two_nodes)
     for rd in (one, two):
         write_scored_step(rd, 1, SHARDS, ROWS, vocab=VOCAB, k=K, dropped_rows=DROPPED)
 

@@ -71,10 +71,10 @@ def test_prefix_cached_loss_matches_full_sequences():
     from transformers import Qwen3ForCausalLM
 
     from shared.thinker import _batch_loss, _encode, prompt_builder, training_stream
-    from shared.tiny import TEACHER_CONFIG, _qwen3_config, build_tokenizer
+    from shared.tiny import TEACHER_CONFIG, qwen3_config, build_tokenizer
 
     tok = build_tokenizer()
-    config = _qwen3_config(TEACHER_CONFIG, tok)
+    config = qwen3_config(TEACHER_CONFIG, tok)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config)
     stream = training_stream(3)

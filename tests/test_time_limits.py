@@ -205,7 +205,7 @@ def test_two_node_trainer_stops_on_the_pre_timeout_signal(slurm_cluster, tiny_mo
     """The pre-timeout signal (USR2 to every process of the job's step, on both nodes): both
     nodes' torchruns and ranks stop (the rank on the second node included), within 60 s, the
     trainer checkpoints its last step, and the job ends COMPLETED with the stop recorded."""
-    from bench.bench_train import _make_run_dir, write_scored_step
+    from bench.bench_train import make_run_dir, write_scored_step
     from launch.executors.base import LIVE_STATES
     from launch.executors.slurm import SlurmExecutor
     from shared.partition import plan as make_plan
@@ -220,7 +220,7 @@ def test_two_node_trainer_stops_on_the_pre_timeout_signal(slurm_cluster, tiny_mo
                  "distillation.resource_isolation.roles.training.gpus_per_node=1",
                  "distillation.resource_isolation.roles.generation.gpus_per_node=1",
                  "distillation.resource_isolation.roles.teacher.gpus_per_node=1"]
-    rd = _make_run_dir(tmp_path / "run", overrides)
+    rd = make_run_dir(tmp_path / "run", overrides)
     write_scored_step(rd, 1, SHARDS, ROWS, vocab=VOCAB, k=K, dropped_rows=DROPPED)
     cfg = load_run_config(rd)
     ex = SlurmExecutor(rd.root, cfg, make_plan(cfg))

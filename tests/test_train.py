@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bench_train import _make_run_dir, write_scored_step
+from bench.bench_train import make_run_dir, write_scored_step
 from shared.loss import distillation_loss
 from shared.models import tiny_models_dir
 from shared.tiny import build_tiny_models
@@ -106,11 +106,11 @@ def _train_json(run_dir, step: int) -> dict:
 def runs(tiny, tmp_path_factory):
     """The three run directories described in the module docstring, after their runs."""
     base = tmp_path_factory.mktemp("train")
-    two = _make_run_dir(base / "two", OVERRIDES)
-    straight = _make_run_dir(base / "straight", OVERRIDES + ["checkpointing.keep_top_k=1"])
+    two = make_run_dir(base / "two", OVERRIDES)
+    straight = make_run_dir(base / "straight", OVERRIDES + ["checkpointing.keep_top_k=1"])
     # SIGTERM, not STOP, ends one_rank: its stop-time checkpoint is the one that saves step 1.
     # Token-budget micro-batches and activation checkpointing must not change the result.
-    one = _make_run_dir(base / "one", OVERRIDES + [
+    one = make_run_dir(base / "one", OVERRIDES + [
         "checkpointing.save_period=2", "policy.dynamic_batching.enabled=true",
         "policy.dynamic_batching.train_mb_tokens=128", "policy.dynamic_batching.sequence_length_round=8",
         "policy.dtensor_cfg.activation_checkpointing=true"])
@@ -245,7 +245,7 @@ def test_micro_batch_alignment_matches_per_sample_reference(tiny, tmp_path):
     at position len(prompt) - 1 + i) give the per-sample loss of an unpadded forward."""
     from transformers import AutoModelForCausalLM
 
-    rd = _make_run_dir(tmp_path / "rd", [])
+    rd = make_run_dir(tmp_path / "rd", [])
     (table,) = write_scored_step(rd, 1, 1, 5, vocab=VOCAB, k=K, dropped_rows=(2,))
     samples = samples_from_table(table)
     assert [s.used for s in samples] == [True, True, False, True, True]
