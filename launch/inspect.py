@@ -73,14 +73,7 @@ def run_status(rd: RunDir) -> dict:
             "trained": train is not None,
             "loss": train.get("loss") if train else None,
         })
-    events = []
-    ev = rd.path("coordinator", "events.jsonl")
-    if ev.exists():
-        for line in ev.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    events = read_events(rd)
     workers = []
     wdir = rd.path("workers")
     if wdir.is_dir():
@@ -250,15 +243,31 @@ def print_rows(rows: List[dict]) -> None:
                 print(f"  [{t:4d}] {tokinfo['token']!r:>14}  teacher: {tops}")
 
 
+def read_events(rd: RunDir) -> List[dict]:
+    """coordinator/events.jsonl, skipping a line cut short by a killed writer."""
+    events = []
+    ev = rd.path("coordinator", "events.jsonl")
+    if ev.exists():
+        for line in ev.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return events
+
+
 def verify(rd: RunDir) -> dict:
+    """Every shard against its checksum, leftovers, stale claims, and the weights of trained
+    steps (those the coordinator pruned, once no longer needed, excepted)."""
     problems = {"corrupt": [], "orphaned": [], "stale_claims": [], "missing_weights": []}
+    pruned = {v for e in read_events(rd) if e.get("event") == "weights_pruned" for v in e.get("versions", [])}
     for t in _steps(rd):
         for stage in STAGES:
             rep = StageQueue(rd, t, stage).verify(deep=True)
             problems["corrupt"] += rep.corrupt
             problems["orphaned"] += rep.orphaned
             problems["stale_claims"] += rep.stale_claims
-        if rd.path("steps", f"{t:06d}", "train.json").exists():
+        if rd.path("steps", f"{t:06d}", "train.json").exists() and t not in pruned:
             w = rd.path("weights", f"{t:06d}")
             if not (w / "COMMITTED.json").exists():
                 problems["missing_weights"].append(str(w))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from launch.coordinator import weights_needed
-from tests.test_e2e import (REPO, assert_scored_exactly_once, check_rc, events, launch)
+from tests.test_e2e import REPO, assert_scored_exactly_once, check_rc, events, inspect, launch
 
 COMMITTED = list(range(1, 13))
 
@@ -72,6 +72,8 @@ def test_run_keeps_only_needed_weights_and_resumes_after_pruning(tmp_path):
     assert _versions(run_dir) == [STEPS - 1, STEPS]
     assert not list((run_dir / "weights").glob(".pruned-*"))
     assert_scored_exactly_once(run_dir, steps=STEPS)
+    ok = inspect(run_dir, "--verify")  # pruned weights are not missing weights
+    assert ok.returncode == 0 and "missing_weights" not in ok.stdout, ok.stdout + ok.stderr
 
     # Regenerating a step whose weights are gone is refused with the fix; rescoring is not.
     out = subprocess.run([sys.executable, "-m", "launch.resubmit", str(run_dir), "--stage",
