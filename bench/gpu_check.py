@@ -727,7 +727,7 @@ def dry_run(parts: list[str]) -> int:
     from shared.partition import job_units
     from shared.recipe import load
     from shared.tiny import EOS_TOKEN, PAD_TOKEN, build_tokenizer
-    from shared.validation import validate
+    from shared.config_check import validate
 
     v = _versions()
     print(f"gpu_check --dry-run: python {platform.python_version()}, torch {v['torch']}, "

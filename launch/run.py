@@ -45,7 +45,7 @@ def split_args(argv: Sequence[str]) -> Tuple[str, List[str]]:
 def prepare(argv: Sequence[str]):
     """Load and validate; returns (conf name, typed config, DictConfig, plan)."""
     from shared.recipe import load
-    from shared.validation import validate
+    from shared.config_check import validate
 
     conf, overrides = split_args(argv)
     cfg, node = load(conf, overrides)

@@ -25,7 +25,7 @@ from launch import access
 from shared import schemas
 from shared.errors import UserError
 from shared.recipe import REPO_ROOT
-from shared.validation import resolve_path
+from shared.config_check import resolve_path
 from shared.files import atomic_write_json, read_json
 
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN")

@@ -188,7 +188,7 @@ def read_text_file(path: Optional[str]) -> Optional[str]:
     """A prompt or system-prompt file's text; one trailing newline (editors add it) dropped."""
     if path is None:
         return None
-    from shared.validation import resolve_path
+    from shared.config_check import resolve_path
 
     p = resolve_path(path)
     if p is None:

@@ -4,7 +4,7 @@
     from shared.memory import memory_plan
     print(memory_plan(cfg, plan).format())
 
-`shared.validation.validate` calls `check_memory`: a role that does not fit
+`shared.config_check.validate` calls `check_memory`: a role that does not fit
 `cluster.gpu_memory_gb` is refused (`cluster.memory_check=refuse`, the default) with the
 estimate and the keys that fix it, or only warned about (`warn`); `off` skips the check.
 

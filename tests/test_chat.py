@@ -97,7 +97,7 @@ print("imported", sorted(m for m in ("torch", "vllm", "transformers") if m in sy
 def test_coordinator_prepares_data_without_torch_or_vllm(tokenizer_dirs, tmp_path):
     from launch.start import create_run_dir
     from shared.recipe import load
-    from shared.validation import validate
+    from shared.config_check import validate
 
     cfg, node = load("smoke", [])
     run_dir = tmp_path / "run"

@@ -14,7 +14,7 @@ import pytest
 from launch import run as launch_run
 from shared.partition import plan as make_plan
 from shared.recipe import REPO_ROOT, load, recipe_names
-from shared.validation import validate
+from shared.config_check import validate
 
 # Expected partition of every shipped recipe: role -> (nodes, gpus per node, tasks).
 EXPECTED_PLANS = {

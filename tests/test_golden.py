@@ -19,7 +19,7 @@ import pytest
 
 from launch.executors.slurm import render_run
 from shared.recipe import load, recipe_names
-from shared.validation import validate
+from shared.config_check import validate
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 

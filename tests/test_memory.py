@@ -11,7 +11,7 @@ from launch import run as launch_run
 from shared import memory
 from shared.memory import GB, ModelShape, memory_plan
 from shared.recipe import REPO_ROOT, load, recipe_names
-from shared.validation import validate
+from shared.config_check import validate
 
 # Qwen3-14B by hand: q/k/v/o projections, MLP, two RMSNorms, q_norm and k_norm per layer; the
 # root unit is the untied embeddings and LM head plus the final norm.

@@ -1,6 +1,6 @@
 """Every check of a config, in one place, run before anything is submitted or written.
 
-    from shared.validation import validate
+    from shared.config_check import validate
     plan = validate(cfg)            # raises shared.errors.ConfigError, returns the partition plan
 
 Also run by `python -m launch.run ... launch.dry_run=true`. Checks that need the model files
