@@ -53,7 +53,8 @@ from shared import schemas
 from shared.partition import ROLE_LABELS, Plan
 from shared.queue import RunDir, StageQueue
 from shared.files import atomic_write_json, read_json
-from shared.worker import FINAL_STATUSES, active_steps, fault_point, is_committed_dir, load_run_config
+from shared.worker import (COMMITTED, FINAL_STATUSES, active_steps, commit_dir, fault_point,
+                           is_committed_dir, load_run_config, temp_dir_for, weights_path)
 
 log = logging.getLogger("sluice.coordinator")
 ROLES = ("generation", "teacher", "training")
@@ -815,11 +816,34 @@ class Coordinator:
     def stop_all(self, timeout_s: float = 120) -> None:
         self.executor.wait_all(list(self.jobs.values()), timeout_s)
 
+    def publish_final(self, step: int) -> Path:
+        """checkpointing.save_consolidated: RUN_DIR/final, the student after the last step in
+        Hugging Face format (weights/<step>, which training exported in the base model's
+        dtype, with its config and tokenizer): hard links where the filesystem allows, else
+        copies, committed as one directory."""
+        src, final = weights_path(self.rd, step), self.rd.path("final")
+        if not is_committed_dir(src):
+            raise RunFailed(f"{src} is not committed: cannot publish the final model "
+                            "(checkpointing.save_consolidated)")
+        tmp = temp_dir_for(final)
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name != COMMITTED:
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        commit_dir(tmp, final, {"step": step, "from": str(src), "format": "hf-safetensors",
+                                "model_name": self.cfg.policy.model_name})
+        self.event("final_published", step=step, path=str(final))
+        return final
+
     def finish(self) -> int:
         self.state["phase"] = "finishing"
         self.save_state()
         atomic_write_json(self.rd.path("coordinator", "STOP"), {"reason": "finished"})
         self.stop_all()
+        if self.cfg.checkpointing.save_consolidated:
+            self.publish_final(self.state["total_steps"])
         self.state["phase"] = "finished"
         self.save_state()
         from launch.metrics import summary

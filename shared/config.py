@@ -11,7 +11,8 @@ This module must stay importable without torch or vLLM: the coordinator and the 
 it on login nodes.
 
 Keys the runbook's configs carry that Sluice has no use for are listed in `REFUSED_KEYS` with
-the reason; they fail at load time with that reason instead of being silently ignored.
+the reason; they fail at load time with that reason instead of being silently ignored. Keys
+accepted only so that those configs load are listed in `COMPATIBILITY_ONLY`.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class BatchingConfig:
 @dataclass
 class SequencePackingConfig(BatchingConfig):
     algorithm: str = "modified_first_fit_decreasing"
-    """Packing algorithm (runbook name). Sluice does not implement sequence packing yet."""
+    """Accepted for compatibility: Sluice does not implement sequence packing yet (enabled must
+    be false)."""
 
 
 @dataclass
@@ -337,7 +339,8 @@ class CheckpointingConfig:
     enabled: bool = True
     """Write full training checkpoints."""
     checkpoint_dir: Optional[str] = None
-    """null: RUN_DIR/checkpoints. A relative path is taken relative to RUN_DIR."""
+    """Must be null: checkpoints are RUN_DIR/checkpoints (a run directory holds everything a
+    resume, launch.inspect and launch.resubmit need)."""
     metric_name: str = "val:accuracy"
     """Metric that ranks checkpoints for keep_top_k ('val:' or 'train:' + metric)."""
     higher_is_better: bool = True
@@ -355,8 +358,8 @@ class CheckpointingConfig:
     model_save_format: str = "safetensors"
     """Only safetensors."""
     save_consolidated: bool = False
-    """Also export the final student in Hugging Face format under RUN_DIR/final (Sluice always
-    writes weights/<step> in HF format)."""
+    """At the end of the run, publish the final student in Hugging Face format (safetensors in
+    the base model's dtype, config and tokenizer) as RUN_DIR/final."""
 
 
 @dataclass
@@ -442,9 +445,9 @@ class TensorboardConfig:
 @dataclass
 class GpuMonitoringConfig:
     collection_interval: int = 10
-    """Seconds between GPU samples."""
+    """Accepted for compatibility (see logger.monitor_gpus)."""
     flush_interval: int = 10
-    """Seconds between writes."""
+    """Accepted for compatibility (see logger.monitor_gpus)."""
 
 
 @dataclass
@@ -462,7 +465,8 @@ class LoggerConfig:
     swanlab_enabled: bool = False
     """Not supported: must be false."""
     monitor_gpus: bool = True
-    """Record GPU memory and utilisation per role."""
+    """Accepted for compatibility: Sluice does not yet sample GPU utilisation and memory per
+    worker (launch.dry_run prints the memory plan; make gpu-check measures peak memory)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """wandb settings."""
     tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
@@ -632,6 +636,18 @@ REFUSED_KEYS: Dict[str, str] = {
     "launch.coordinator_time_limit": "the coordinator job's resources moved to "
     "cluster.coordinator.*; use cluster.coordinator.time_limit",
 }
+
+
+# Keys Sluice accepts so that the runbook's configs load unchanged, and does nothing with
+# (each field's docstring says so). Every other field is read by the code
+# (tests/test_config.py checks both). "*" stands for any one key.
+COMPATIBILITY_ONLY = (
+    "policy.dtensor_cfg._v2", "teacher.dtensor_cfg._v2",
+    "policy.sequence_packing.algorithm", "teacher.sequence_packing.algorithm",
+    "data.*.processor",
+    "logger.monitor_gpus", "logger.gpu_monitoring.collection_interval",
+    "logger.gpu_monitoring.flush_interval",
+)
 
 
 def register() -> None:

@@ -298,6 +298,12 @@ def validate(cfg: SluiceConfig, check_models: bool = False) -> Plan:
                                problem="Sluice logs to wandb and TensorBoard only",
                                fix=f"set logger.{key}=false")
     ck = cfg.checkpointing
+    if ck.checkpoint_dir is not None:
+        raise config_error("checkpointing.checkpoint_dir", value=ck.checkpoint_dir,
+                           problem="checkpoints are always RUN_DIR/checkpoints: the run directory "
+                                   "holds everything a resume, launch.inspect and launch.resubmit read",
+                           fix="set checkpointing.checkpoint_dir=null and put the run directory "
+                               "where the checkpoints should go (launch.run_dir=...)")
     if ck.checkpoint_must_save_by is not None:
         raise config_error("checkpointing.checkpoint_must_save_by", value=ck.checkpoint_must_save_by,
                            problem="Sluice checkpoints on Slurm's pre-timeout signal instead",

@@ -152,6 +152,8 @@ ERROR_CASES = {
     "queue_compression": (["conf=smoke", "queue.compression=gzip"], "queue.compression='gzip': unsupported value"),
     "batch_not_dividing": (["conf=smoke", "policy.train_global_batch_size=5"],
                            "must divide the samples of a step"),
+    "checkpoint_dir": (["conf=smoke", "checkpointing.checkpoint_dir=/scratch/ckpt"],
+                       "checkpoints are always RUN_DIR/checkpoints"),
 }
 
 
@@ -214,3 +216,43 @@ def test_plan_single_node_split_has_distinct_gpus():
     p = make_plan(cfg)
     ids = sorted(g for r in p.roles.values() for g in r.gpu_ids[0])
     assert ids == [0, 1, 2, 3]
+
+
+def _field_paths(cls, prefix=""):
+    """(dotted path, field name) of every leaf field of the config tree."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        inner = [t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if dataclasses.is_dataclass(t)]
+        if inner:
+            yield from _field_paths(inner[0], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f.name
+
+
+def test_every_config_field_is_read_or_accepted_for_compatibility():
+    """A key is read by the code (an attribute access `.name` or a string "name" outside
+    shared/config.py), or listed in shared.config.COMPATIBILITY_ONLY, which lists only keys
+    nothing reads."""
+    import fnmatch
+    import re
+
+    from shared.config import COMPATIBILITY_ONLY, SluiceConfig
+
+    code = "".join(p.read_text() for folder in ("shared", "stages", "launch")
+                   for p in sorted((REPO_ROOT / folder).rglob("*.py")) if p.name != "config.py")
+    compat = lambda path: any(fnmatch.fnmatchcase(path, pat) for pat in COMPATIBILITY_ONLY)  # noqa: E731
+    unread, listed_but_read = [], []
+    for path, name in _field_paths(SluiceConfig):
+        read = re.search(rf"\.{re.escape(name)}\b(?!\()|[\"']{re.escape(name)}[\"']", code) is not None
+        if not read and not compat(path):
+            unread.append(path)
+        if read and compat(path):
+            listed_but_read.append(path)
+    assert not unread, f"config fields nothing reads (implement, refuse, or list in COMPATIBILITY_ONLY): {unread}"
+    assert not listed_but_read, f"listed in COMPATIBILITY_ONLY but read: {listed_but_read}"
+    paths = [p for p, _ in _field_paths(SluiceConfig)]
+    for pattern in COMPATIBILITY_ONLY:
+        assert any(fnmatch.fnmatchcase(p, pattern) for p in paths), pattern

@@ -75,14 +75,14 @@ def test_runs_end_to_end_with_trace_metrics(self_run):
 
 
 def test_scored_shards_record_what_the_teacher_saw(self_run):
-    run_dir, _, _, _ = self_run
+    run_dir, _, base, _ = self_run
     from transformers import AutoTokenizer
 
     from shared.context import TeacherPromptBuilder
     from shared.worker import load_run_config
 
     cfg = load_run_config(run_dir)
-    tok = AutoTokenizer.from_pretrained(str(run_dir / "weights" / "000001"))
+    tok = AutoTokenizer.from_pretrained(str(base))  # weights/<step> carry the base's tokenizer
     builder = TeacherPromptBuilder(cfg, tok)
     q = StageQueue(RunDir(run_dir), 2, "scored")
     rows = q.read(0).to_pylist()

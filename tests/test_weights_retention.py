@@ -8,6 +8,7 @@ checkpoints and every checkpointing.keep_weights_period-th step.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,8 @@ def _versions(run_dir: Path) -> list:
 
 STEPS = 7
 OVERRIDES = (f"distillation.max_num_steps={STEPS}", "checkpointing.save_period=3",
-             "checkpointing.keep_top_k=1", "queue.lease_s=20", "queue.heartbeat_s=2")
+             "checkpointing.keep_top_k=1", "checkpointing.save_consolidated=true",
+             "queue.lease_s=20", "queue.heartbeat_s=2")
 
 
 @pytest.mark.vllm
@@ -74,6 +76,16 @@ def test_run_keeps_only_needed_weights_and_resumes_after_pruning(tmp_path):
     assert_scored_exactly_once(run_dir, steps=STEPS)
     ok = inspect(run_dir, "--verify")  # pruned weights are not missing weights
     assert ok.returncode == 0 and "missing_weights" not in ok.stdout, ok.stdout + ok.stderr
+
+    # checkpointing.save_consolidated: the final student in HF format, as the last weights.
+    final, last = run_dir / "final", run_dir / "weights" / f"{STEPS:06d}"
+    assert json.loads((final / "COMMITTED.json").read_text())["step"] == STEPS
+    names = sorted(p.name for p in last.iterdir() if p.name != "COMMITTED.json")
+    assert names == sorted(p.name for p in final.iterdir() if p.name != "COMMITTED.json")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(names)
+    for name in names:
+        assert (final / name).read_bytes() == (last / name).read_bytes(), name
+    assert [e["step"] for e in ev if e["event"] == "final_published"] == [STEPS]
 
     # Regenerating a step whose weights are gone is refused with the fix; rescoring is not.
     out = subprocess.run([sys.executable, "-m", "launch.resubmit", str(run_dir), "--stage",
