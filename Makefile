@@ -69,13 +69,13 @@ check-gpu-deps:
 		| grep -E '^(sluice|vllm|torch|transformers|tokenizers|huggingface[-_]hub)-[0-9]'
 
 slurm-up: setup
-	$(PY) -m launch.local_slurm up
+	$(PY) -m tools.local_slurm up
 
 slurm-down: setup
-	$(PY) -m launch.local_slurm down
+	$(PY) -m tools.local_slurm down
 
 slurm-status: setup
-	$(PY) -m launch.local_slurm status
+	$(PY) -m tools.local_slurm status
 
 clean-cache:
 	rm -rf .cache

@@ -95,7 +95,7 @@ def _bigger_model(out: Path) -> Path:
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     from shared.models import tiny_models_dir
-    from shared.tiny import build_tiny_models
+    from testing.tiny import build_tiny_models
 
     tok_dir = build_tiny_models(tiny_models_dir())["tokenizer"]
     config = Qwen3Config(vocab_size=32768, hidden_size=1024, intermediate_size=3072,

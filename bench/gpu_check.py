@@ -10,7 +10,7 @@ TOTAL_BUDGET_S), so a failure or a hang of one does not hide the others:
 
   build  Qwen3-1.7B's architecture (hidden 2048, 28 layers, 16 query and 8 KV heads, head_dim
          128, intermediate 6144, vocabulary 151,936, tied embeddings) with random bf16 weights,
-         saved as HF safetensors with shared.tiny's tokenizer padded to 151,936 ids; on CPU
+         saved as HF safetensors with testing.tiny's tokenizer padded to 151,936 ids; on CPU
          only (the process sees no GPU), so the GPU is untouched until vLLM starts.
   export the trainer's per-rank load (fp32 FSDP2 on CUDA) and bf16 export of it, every
          exported tensor compared with the sharded model's, the tied head included (no vLLM).
@@ -157,7 +157,7 @@ def part_build(workdir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from shared.tiny import EOS_TOKEN, PAD_TOKEN, build_tokenizer
+    from testing.tiny import EOS_TOKEN, PAD_TOKEN, build_tokenizer
 
     out = workdir / "model"
     tokenizer = build_tokenizer(VOCAB)
@@ -726,7 +726,7 @@ def dry_run(parts: list[str]) -> int:
     from launch.executors.base import visible_devices
     from shared.partition import job_units
     from shared.recipe import load
-    from shared.tiny import EOS_TOKEN, PAD_TOKEN, build_tokenizer
+    from testing.tiny import EOS_TOKEN, PAD_TOKEN, build_tokenizer
     from shared.config_check import validate
 
     v = _versions()

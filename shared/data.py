@@ -44,7 +44,7 @@ LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 def synthetic_arithmetic(split: str = "train", n: Optional[int] = None) -> List[Dict[str, Any]]:
     """Single-digit arithmetic problems with exact integer answers; deterministic per split.
 
-    Single digits: the tiny models of the smoke runs and the learning check (shared/thinker.py)
+    Single digits: the tiny models of the smoke runs and the learning check (testing/thinker.py)
     learn these in CPU minutes; two-digit products they do not."""
     n = n or (512 if split == "train" else 64)
     rng = random.Random({"train": 0, "validation": 1}.get(split, 2))

@@ -62,15 +62,15 @@ def ensure_model(name: str, key: str = "model_name") -> Path:
     """
     if name.startswith(TINY_PREFIX):
         if name == TINY_PREFIX + "thinker":
-            from shared.thinker import build_thinker
+            from testing.thinker import build_thinker
 
             build_thinker(tiny_models_dir())
         elif name.startswith(TINY_PREFIX + "realshape"):
-            from shared.tiny import build_real_shape_models
+            from testing.tiny import build_real_shape_models
 
             build_real_shape_models(tiny_models_dir())
         else:
-            from shared.tiny import build_tiny_models
+            from testing.tiny import build_tiny_models
 
             build_tiny_models(tiny_models_dir())
     path = find_model(name)

@@ -1,4 +1,4 @@
-"""Pytest fixture `slurm_cluster`: a real local Slurm cluster (see launch/local_slurm.py).
+"""Pytest fixture `slurm_cluster`: a real local Slurm cluster (see tools/local_slurm.py).
 
 Use it with `from tests.slurm_fixture import slurm_cluster  # noqa: F401` and mark the
 tests `@pytest.mark.slurm`. The fixture sets SLURM_CONF in os.environ for the session, so
@@ -6,7 +6,7 @@ submitit's sbatch/sacct/scancel find the cluster. Where the cluster cannot be st
 (not root, no apt-get) the tests skip with the reason, except under CI=true, where they
 fail instead: CI must never pass by skipping them. Without root, a cluster that root
 already started is used. The cluster stays up after the session (the next session reuses
-it in under a second); stop it with `python -m launch.local_slurm down`.
+it in under a second); stop it with `python -m tools.local_slurm down`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from launch import local_slurm
+from tools import local_slurm
 
 
 @dataclass(frozen=True)

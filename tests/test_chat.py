@@ -19,7 +19,7 @@ import pytest
 
 from shared.chat import ChatTokenizer
 from shared.models import tiny_models_dir
-from shared.tiny import build_real_shape_models, build_tiny_models
+from testing.tiny import build_real_shape_models, build_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 

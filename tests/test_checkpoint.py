@@ -13,7 +13,7 @@ import torch
 
 from bench.bench_train import make_run_dir, write_scored_step
 from shared.models import tiny_models_dir
-from shared.tiny import build_tiny_models
+from testing.tiny import build_tiny_models
 from stages.train import committed_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]

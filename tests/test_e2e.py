@@ -331,7 +331,7 @@ def test_resubmit_wait_fails_when_its_job_dies(local_run):
 
 @pytest.mark.slurm
 def test_slurm_smoke_isolates_roles_on_three_nodes(slurm_cluster, tmp_path):
-    from launch import local_slurm
+    from tools import local_slurm
 
     run_dir = tmp_path / "smoke-slurm"
     try:

@@ -21,7 +21,7 @@ from shared.models import tiny_models_dir
 from shared.queue import RunDir, StageQueue
 from shared.recipe import load
 from shared.schemas import build_table
-from shared.tiny import build_tiny_models
+from testing.tiny import build_tiny_models
 from shared.worker import commit_dir, temp_dir_for, weights_path
 from stages.generate import Generator, generate_shard, pick_weights, run_worker, sample_seed
 
@@ -146,7 +146,7 @@ def test_reload_of_a_trainer_export_equals_fresh_engine_at_real_shapes(tmp_path)
     import subprocess
     import sys
 
-    from shared.tiny import build_real_shape_models
+    from testing.tiny import build_real_shape_models
 
     base = Path(build_real_shape_models(tiny_models_dir())["realshape-student"])
     new = tmp_path / "exported"

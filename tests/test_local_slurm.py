@@ -12,7 +12,7 @@ import pytest
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from launch import local_slurm
+from tools import local_slurm
 from tests.slurm_fixture import SlurmCluster, slurm_cluster  # noqa: F401
 
 pytestmark = pytest.mark.slurm
@@ -104,7 +104,7 @@ def test_up_again_is_a_fast_no_op(slurm_cluster: SlurmCluster) -> None:
     start = time.monotonic()
     assert local_slurm.ensure_up(slurm_cluster.state_dir) == slurm_cluster.env
     cli = subprocess.run(
-        [sys.executable, "-m", "launch.local_slurm", "up", "--state-dir", str(slurm_cluster.state_dir)],
+        [sys.executable, "-m", "tools.local_slurm", "up", "--state-dir", str(slurm_cluster.state_dir)],
         cwd=REPO_ROOT, capture_output=True, text=True,
     )
     elapsed = time.monotonic() - start

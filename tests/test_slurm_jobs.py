@@ -84,7 +84,7 @@ def test_isolated_recipe_holds_exactly_its_nodes_from_a_coordinator_job(slurm_cl
         assert_all_steps_complete(run_dir)
         assert_scored_exactly_once(run_dir)
 
-        from launch import local_slurm
+        from tools import local_slurm
         from launch.executors.base import run_tag
 
         tag = run_tag(run_dir)

@@ -30,7 +30,7 @@ import torch
 from bench.bench_train import make_run_dir, write_scored_step
 from shared.loss import distillation_loss
 from shared.models import tiny_models_dir
-from shared.tiny import build_tiny_models
+from testing.tiny import build_tiny_models
 from stages.train import (
     ResponseGather,
     build_scheduler,

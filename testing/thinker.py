@@ -1,15 +1,15 @@
 """A tiny Qwen3 that writes `<think>` traces and solves synthetic arithmetic, trained on CPU.
 
-    python -m shared.thinker                      # build (or reuse) tiny_models_dir()/thinker
-    python -m shared.thinker /tmp/sluice-tiny     # build into /tmp/sluice-tiny/thinker
+    python -m testing.thinker                      # build (or reuse) tiny_models_dir()/thinker
+    python -m testing.thinker /tmp/sluice-tiny     # build into /tmp/sluice-tiny/thinker
 
 From Python (tests, smoke, the learning check):
 
-    from shared.thinker import build_thinker, evaluate
+    from testing.thinker import build_thinker, evaluate
     path = build_thinker()                        # -> ".../tiny-models/thinker"; `tiny:thinker`
     evaluate(path, heldout_problems())            # {"accuracy": .., "trace_rate": .., ...}
 
-Why: the random tiny models of shared/tiny.py never write `<think>...</think>`, so the
+Why: the random tiny models of testing/tiny.py never write `<think>...</think>`, so the
 context/self-distillation smoke has no trace to extract, and a learning check needs a teacher
 that actually solves problems. This one is the tiny TEACHER architecture (hidden 256, 4
 layers, same tokenizer), freshly initialised (std 0.02) and trained with a plain AdamW loop
@@ -233,7 +233,7 @@ def evaluate(model_path: str | os.PathLike, problems: Sequence[Dict[str, Any]],
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shared.tiny import _quiet_progress_bars
+    from testing.tiny import _quiet_progress_bars
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     with _quiet_progress_bars():
@@ -297,7 +297,7 @@ def train_thinker(seed: int = 0, minutes: float = DEFAULT_MINUTES, max_steps: in
     import torch
     from transformers import Qwen3ForCausalLM
 
-    from shared.tiny import INIT_STD, TEACHER_CONFIG, qwen3_config, build_tokenizer
+    from testing.tiny import INIT_STD, TEACHER_CONFIG, qwen3_config, build_tokenizer
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -375,7 +375,7 @@ def _fingerprint(seed: int, tokenizer, train_kwargs: dict) -> dict:
     import torch
     import transformers
 
-    from shared.tiny import TEACHER_CONFIG, TINY_VERSION
+    from testing.tiny import TEACHER_CONFIG, TINY_VERSION
 
     return {
         "thinker_version": THINKER_VERSION,
@@ -411,7 +411,7 @@ def _is_complete(out_dir: Path, want: dict) -> bool:
 def _save(model, tokenizer, out: Path) -> None:
     from transformers import GenerationConfig
 
-    from shared.tiny import _quiet_progress_bars
+    from testing.tiny import _quiet_progress_bars
 
     with _quiet_progress_bars():
         model.save_pretrained(out, safe_serialization=True)
@@ -430,7 +430,7 @@ def build_thinker(out_dir: str | os.PathLike | None = None, minutes: float = DEF
     prompt rendering) is reused whatever `minutes` says; builders of one `out_dir` are
     serialised with a file lock. `train_kwargs` go to `train_thinker` (lr, batch_size, ...)."""
     from shared.models import tiny_models_dir
-    from shared.tiny import build_tokenizer, locked
+    from testing.tiny import build_tokenizer, locked
 
     out_dir = Path(out_dir if out_dir is not None else tiny_models_dir()).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """A real Slurm cluster on this one machine, for tests and local runs.
 
-    python -m launch.local_slurm up      [--state-dir DIR] [--timeout SECONDS]
-    python -m launch.local_slurm status  [--state-dir DIR]
-    python -m launch.local_slurm down    [--state-dir DIR]
+    python -m tools.local_slurm up      [--state-dir DIR] [--timeout SECONDS]
+    python -m tools.local_slurm status  [--state-dir DIR]
+    python -m tools.local_slurm down    [--state-dir DIR]
     export SLURM_CONF=DIR/etc/slurm.conf   # then sbatch, sinfo, sacct, submitit work
 
 `up` (needs root) installs the Debian packages when missing (slurm-wlm, munge,
@@ -317,7 +317,7 @@ def can_start(state_dir: Path | str = DEFAULT_STATE_DIR) -> tuple[bool, str]:
             return True, "already running"
         return False, (
             "the local Slurm cluster needs root to start (it installs packages, makes device files with "
-            "mknod and runs munged/MariaDB as their users); run `python -m launch.local_slurm up` as root "
+            "mknod and runs munged/MariaDB as their users); run `python -m tools.local_slurm up` as root "
             "(e.g. sudo), or run as root, as in the CI container"
         )
     missing = _missing_binaries()
@@ -339,7 +339,7 @@ def _services_not_started_by_dpkg() -> Iterator[None]:
     if policy.exists():
         yield
         return
-    policy.write_text("#!/bin/sh\n# written by launch/local_slurm.py during apt-get install\nexit 101\n")
+    policy.write_text("#!/bin/sh\n# written by tools/local_slurm.py during apt-get install\nexit 101\n")
     policy.chmod(0o755)
     try:
         yield
@@ -399,7 +399,7 @@ def render_slurm_conf(layout: Layout, hostname: str, hardware: str) -> str:
         for node in ALL_NODES
     )
     return f"""\
-# Written by launch/local_slurm.py; rewritten on every `up`.
+# Written by tools/local_slurm.py; rewritten on every `up`.
 ClusterName={CLUSTER_NAME}
 SlurmctldHost={hostname}(127.0.0.1)
 SlurmctldPort={SLURMCTLD_PORT}
@@ -451,14 +451,14 @@ def render_gres_conf(layout: Layout) -> str:
     # Count= without File= made slurmd report 0 GPUs and the nodes went INVAL.
     last = GPUS_PER_NODE - 1
     return (
-        "# Written by launch/local_slurm.py.\n"
+        "# Written by tools/local_slurm.py.\n"
         f"NodeName={','.join(NODES)} Name=gpu File={layout.dev}/nvidia[0-{last}]\n"
     )
 
 
 def render_slurmdbd_conf(layout: Layout) -> str:
     return f"""\
-# Written by launch/local_slurm.py; must stay mode 600 and owned by SlurmUser (root).
+# Written by tools/local_slurm.py; must stay mode 600 and owned by SlurmUser (root).
 AuthType=auth/munge
 AuthInfo=socket={layout.munge_socket}
 DbdHost=localhost
@@ -741,7 +741,7 @@ def ensure_up(state_dir: Path | str = DEFAULT_STATE_DIR, timeout_s: float = DEFA
             if not _wait_for_nodes(layout, timeout_s):
                 raise ClusterError(
                     f"nodes not idle after restarting slurmctld with a clean state: {node_states(layout.root)}.\n"
-                    f"Stop with `python -m launch.local_slurm down --state-dir {layout.root}`, delete that "
+                    f"Stop with `python -m tools.local_slurm down --state-dir {layout.root}`, delete that "
                     "dir and retry.\n" + _log_report(layout)
                 )
     return {"SLURM_CONF": str(layout.slurm_conf)}
@@ -767,7 +767,7 @@ def status_text(state_dir: Path | str = DEFAULT_STATE_DIR) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.local_slurm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.local_slurm", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("up", "down", "status"))
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait per step (up)")

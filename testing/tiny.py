@@ -1,12 +1,12 @@
 """Random-weight Qwen3 models and tokenizers, built in-process (no download).
 
-    python -m shared.tiny /tmp/sluice-tiny                  # build (or reuse) and print the paths
-    python -m shared.tiny /tmp/sluice-tiny --seed 1         # another set of random weights
-    python -m shared.tiny /tmp/sluice-tiny --set realshape  # the real-shape models
+    python -m testing.tiny /tmp/sluice-tiny                  # build (or reuse) and print the paths
+    python -m testing.tiny /tmp/sluice-tiny --seed 1         # another set of random weights
+    python -m testing.tiny /tmp/sluice-tiny --set realshape  # the real-shape models
 
 From Python (tests, smoke):
 
-    from shared.tiny import build_tiny_models, build_real_shape_models
+    from testing.tiny import build_tiny_models, build_real_shape_models
     paths = build_tiny_models("/tmp/sluice-tiny")
     # {"student": ".../student", "student-tied": ..., "teacher": ..., "tokenizer": ...}
 
@@ -178,7 +178,7 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
     if tok.get_vocab_size() != VOCAB_SIZE - len(ADDED_TOKENS):
         raise RuntimeError(
             f"tiny tokenizer: BPE training gave {tok.get_vocab_size()} ids, expected "
-            f"{VOCAB_SIZE - len(ADDED_TOKENS)}; the corpus in shared/tiny.py is too small for "
+            f"{VOCAB_SIZE - len(ADDED_TOKENS)}; the corpus in testing/tiny.py is too small for "
             f"VOCAB_SIZE={VOCAB_SIZE}: enlarge _corpus() or lower VOCAB_SIZE"
         )
     if vocab_size > VOCAB_SIZE:
