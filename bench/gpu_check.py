@@ -852,18 +852,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         for name in parts:
             budget = min(PARTS[name].budget_s, deadline - time.monotonic())
-            skipped = None
+            not_run = {"seconds": 0.0, "figures": [], "failures": []}
             if PARTS[name].needs_vllm and no_vllm:
-                results[name] = {"ok": None, "seconds": 0.0, "figures": [], "failures": [],
-                                 "skipped": "vLLM is not installed here"}
+                results[name] = {**not_run, "ok": None, "skipped": "vLLM is not installed here"}
             elif PARTS[name].needs_model and not results["build"]["ok"]:
-                skipped = "skipped: build failed"
+                results[name] = {**not_run, "ok": False, "failures": ["skipped: build failed"]}
             elif budget < MIN_PART_S:
-                skipped = f"skipped: {budget:.0f} s left of the {TOTAL_BUDGET_S} s budget"
-            if name in results:
-                pass
-            elif skipped:
-                results[name] = {"ok": False, "seconds": 0.0, "figures": [], "failures": [skipped]}
+                results[name] = {**not_run, "ok": False, "failures": [
+                    f"skipped: {budget:.0f} s left of the {TOTAL_BUDGET_S} s budget"]}
             else:
                 print(f"[gpu-check] {name}: {PARTS[name].what} (budget {budget:.0f} s) ...", flush=True)
                 results[name] = spawn_part(name, workdir, budget)

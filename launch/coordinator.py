@@ -53,8 +53,9 @@ from shared import schemas
 from shared.partition import ROLE_LABELS, Plan
 from shared.queue import RunDir, StageQueue
 from shared.files import atomic_write_json, read_json
-from shared.worker import (COMMITTED, FINAL_STATUSES, active_steps, commit_dir, fault_point,
-                           is_committed_dir, load_run_config, temp_dir_for, weights_path)
+from shared.worker import (COMMITTED, FINAL_STATUSES, active_steps, commit_dir, committed_steps,
+                           fault_point, is_committed_dir, load_run_config, temp_dir_for,
+                           weights_path)
 
 log = logging.getLogger("sluice.coordinator")
 ROLES = ("generation", "teacher", "training")
@@ -350,23 +351,16 @@ class Coordinator:
             t += 1
         return t
 
-    def committed_steps(self, folder: str) -> List[int]:
-        """The steps committed under RUN_DIR/<folder> (checkpoints, weights), ascending."""
-        root = self.rd.path(folder)
-        if not root.is_dir():
-            return []
-        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and is_committed_dir(p))
-
     def last_checkpoint(self) -> int:
-        return max(self.committed_steps("checkpoints"), default=0)
+        return max(committed_steps(self.rd, "checkpoints"), default=0)
 
     def prune_weights(self, trained: int, total: int) -> List[int]:
         """Delete the weights/<v> no longer needed (weights_needed); returns the versions
         deleted. A version disappears from listings at once (renamed out of the digits'
         namespace), then its files are removed."""
         root = self.rd.path("weights")
-        committed = self.committed_steps("weights")
-        checkpoints = self.committed_steps("checkpoints")
+        committed = committed_steps(self.rd, "weights")
+        checkpoints = committed_steps(self.rd, "checkpoints")
         pending = [v for v in self.validation.versions(total) if not self.validation.is_collected(v)]
         needed = weights_needed(committed, trained, checkpoints, self.cfg.distillation.max_staleness,
                                 pending, self.cfg.checkpointing.keep_weights_period)
@@ -778,6 +772,7 @@ class Coordinator:
             dead = self._attach_saved_jobs()
             if self.trained_step() < total or not self.validation.done(total):
                 self.ensure_jobs(dead)
+            pruned_at = None
             while True:
                 trained = self.trained_step()
                 for t in range(1, trained + 1):
@@ -792,7 +787,9 @@ class Coordinator:
                 ahead = 1 + self.cfg.distillation.max_staleness
                 for t in range(trained + 1, min(total, trained + 1 + ahead) + 1):
                     self.write_prompts(t)
-                self.prune_weights(trained, total)
+                if trained != pruned_at:  # versions fall out of use only as training progresses
+                    self.prune_weights(trained, total)
+                    pruned_at = trained
                 self.watch_jobs()
                 self.check_workers()
                 self.save_state()

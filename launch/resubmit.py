@@ -29,7 +29,7 @@ from shared.errors import UserError, exit_with
 from shared.partition import Plan
 from shared.queue import RunDir, StageQueue, check_shard_index, check_step
 from shared.files import read_json
-from shared.worker import FINAL_STATUSES, is_committed_dir, latest_weights, load_run_config
+from shared.worker import FINAL_STATUSES, committed_steps, latest_weights, load_run_config
 
 OUTPUT = {"generation": ["rollouts", "scored"], "teacher": ["scored"]}
 
@@ -67,8 +67,7 @@ def _resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int
     if stage == "training":
         if step is None:
             raise UserError("--stage training needs --step N (the first step to retrain).")
-        ckpts = [int(p.name) for p in rd.path("checkpoints").iterdir()
-                 if p.name.isdigit() and is_committed_dir(p)] if rd.path("checkpoints").is_dir() else []
+        ckpts = committed_steps(rd, "checkpoints")
         if step > 1 and step - 1 not in ckpts:
             raise UserError(f"cannot retrain from step {step}: no checkpoint of step {step - 1} "
                             f"(checkpoints: {sorted(ckpts) or 'none'}). Fix: choose a step right "

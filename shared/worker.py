@@ -220,6 +220,14 @@ def validation_run_dir(rd: RunDir) -> RunDir:
     return RunDir(rd.path(VALIDATION_DIR))
 
 
+def committed_steps(rd: RunDir, folder: str) -> list:
+    """The steps committed under RUN_DIR/<folder> ("checkpoints", "weights"), ascending."""
+    root = rd.path(folder)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and is_committed_dir(p))
+
+
 def weights_path(rd: RunDir, step: int) -> Path:
     return rd.path("weights", f"{step:06d}")
 

@@ -218,14 +218,14 @@ def load_teacher(cfg: SluiceConfig, device: Optional[torch.device] = None) -> Te
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         scorer = Scorer(lm)
     else:
-        scorer = _load_sharded(path, config, dtype, device)
+        scorer = _load_sharded(path, dtype, device)
     scorer.eval().requires_grad_(False)
     pad = getattr(config.get_text_config(), "pad_token_id", None)
     return Teacher(scorer=scorer, name=cfg.teacher.model_name, device=device,
                    pad_id=int(pad) if pad is not None else 0, sharded=sharded, **settings)
 
 
-def _load_sharded(path: Path, config, dtype: torch.dtype, device: torch.device) -> Scorer:
+def _load_sharded(path: Path, dtype: torch.dtype, device: torch.device) -> Scorer:
     """Every rank builds the teacher on meta, shards it per decoder layer and reads only its
     own slices of the checkpoint (shared.distributed.build_sharded)."""
     from torch.distributed.device_mesh import init_device_mesh

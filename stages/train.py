@@ -95,9 +95,9 @@ from shared.schemas import ragged_from_arrow, topk_from_arrow
 from shared.files import atomic_write_json
 from shared.worker import (
     Worker,
+    committed_steps,
     fault_point,
     commit_dir,
-    is_committed_dir,
     load_run_config,
     temp_dir_for,
     weights_path,
@@ -700,10 +700,7 @@ def checkpoints_to_drop(steps: list, scores: dict, keep: int, higher_is_better: 
 
 
 def committed_checkpoints(rd: RunDir) -> list[int]:
-    root = rd.path("checkpoints")
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and is_committed_dir(p))
+    return committed_steps(rd, "checkpoints")
 
 
 def _stored_dtype(model_dir: Path) -> torch.dtype:
