@@ -69,7 +69,8 @@ from torch import nn
 
 from shared import schemas
 from shared.config import SluiceConfig
-from shared.distributed import Dist, broadcast_object, build_sharded, cuda_available, setup_distributed
+from shared.distributed import (Dist, broadcast_object, build_sharded, cuda_available, exit_now,
+                                setup_distributed)
 from shared.models import ensure_model
 from shared.queue import ClaimLostError, CorruptShardError, Owner, RunDir, StageQueue
 from shared.worker import StopRequested, Worker, active_steps, fault_point, load_run_config
@@ -665,12 +666,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf_logging.disable_progress_bar()  # one bar per checkpoint load clutters the worker log
     n = run_worker(args.run_dir, step=args.step, once=args.once)
     log.info("teacher worker exits after committing %d shard(s)", n)
-    # As the trainer (stages/train.py main): skip the interpreter's teardown once the process
-    # group is gone, which under load sometimes aborted a rank.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now(0)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -85,7 +84,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from shared.distributed import Dist, broadcast_object, build_sharded, export_hf, setup_distributed
+from shared.distributed import (Dist, broadcast_object, build_sharded, exit_now, export_hf,
+                                setup_distributed)
 
 from shared.config import SluiceConfig
 from shared.loss import distillation_loss
@@ -796,14 +796,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     hf_logging.disable_progress_bar()  # one bar per load, in every rank's log
     run(args.run_dir, step=args.step)
-    # Everything is saved and the process group is gone. Skip the interpreter's teardown:
-    # under load a rank sometimes aborted in it ("terminate called without an active
-    # exception", after destroy_process_group had returned on every rank), which torchrun
-    # reports as a failed run.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now(0)  # everything is saved and the process group is gone
 
 
 if __name__ == "__main__":

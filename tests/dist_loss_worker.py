@@ -20,6 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from shared.distributed import exit_now  # noqa: E402
 from shared.loss import distillation_loss  # noqa: E402
 
 BATCH, SEQ, HIDDEN, VOCAB, TOPK = 4, 6, 8, 40, 5
@@ -88,3 +89,4 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(f"usage: torchrun --nproc_per_node 2 {sys.argv[0]} OUT.pt")
     main(sys.argv[1])
+    exit_now(0)  # as the stages' mains: no interpreter teardown after the process group

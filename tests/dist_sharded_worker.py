@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
-from shared.distributed import build_sharded, export_hf, setup_distributed  # noqa: E402
+from shared.distributed import build_sharded, exit_now, export_hf, setup_distributed  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -93,3 +93,4 @@ def main(model_dir: str, out_dir: str, mode: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    exit_now(0)  # as the stages' mains: no interpreter teardown after the process group

@@ -347,4 +347,7 @@ def _dist_main(out: str, run_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    from shared.distributed import exit_now
+
     _dist_main(*sys.argv[1:])
+    exit_now(0)  # as stages/score.py main
