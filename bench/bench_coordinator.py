@@ -45,32 +45,37 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _records(run_dir: Path, step: int, stage: str) -> Dict[int, dict]:
-    from shared.queue import RunDir, StageQueue
+    from shared.queue import StageQueue
+    from shared.rundir import RunDir
 
     return StageQueue(RunDir(run_dir), step, stage).committed()
 
 
 def _train(run_dir: Path, step: int) -> dict:
-    return json.loads((run_dir / "steps" / f"{step:06d}" / "train.json").read_text())
+    from shared.rundir import RunDir
+
+    return json.loads(RunDir(run_dir).train_record(step).read_text())
 
 
 def _train_time(run_dir: Path, step: int) -> float:
-    return (run_dir / "steps" / f"{step:06d}" / "train.json").stat().st_mtime
+    from shared.rundir import RunDir
+
+    return RunDir(run_dir).train_record(step).stat().st_mtime
 
 
 def measure(run_dir: Path) -> dict:
     """The figures of a finished run (see the module docstring)."""
+    from shared.rundir import RunDir, trained_steps
     from shared.worker import load_run_config
 
     cfg = load_run_config(run_dir)
-    steps = sorted(int(p.name) for p in (run_dir / "steps").iterdir()
-                   if p.name.isdigit() and (p / "train.json").exists())
+    steps = trained_steps(RunDir(run_dir))
     ahead = 1 + cfg.distillation.max_staleness
 
     reaction: List[float] = []
     for t in steps:
         nxt = t + 1 + ahead  # the first step whose prompts wait for step t's train.json
-        recs = _records(run_dir, nxt, "prompts") if (run_dir / "steps" / f"{nxt:06d}").exists() else {}
+        recs = _records(run_dir, nxt, "prompts") if RunDir(run_dir).step_dir(nxt).exists() else {}
         if recs:
             reaction.append(min(r["committed_at"] for r in recs.values()) - _train_time(run_dir, t))
 

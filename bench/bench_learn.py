@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -110,27 +109,19 @@ def _sample(model, tokenizer, prompts: List[List[int]], max_new_tokens: int, tem
     kept: the pipeline trains on it too)."""
     import torch
 
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    stops = {pad, eos}
+    from testing.thinker import generate_batched
+
+    stops = {tokenizer.pad_token_id, tokenizer.eos_token_id}
     torch.manual_seed(seed)
     out: List[List[int]] = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                                 temperature=temperature, top_k=0, top_p=1.0,
-                                 max_new_tokens=max_new_tokens, eos_token_id=[eos, pad],
-                                 pad_token_id=pad)
-            for row in gen[:, width:].tolist():
-                resp = []
-                for t in row:
-                    resp.append(t)
-                    if t in stops:
-                        break
-                out.append(resp)
+    for row in generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                do_sample=True, temperature=temperature, top_k=0, top_p=1.0):
+        resp = []
+        for t in row:
+            resp.append(t)
+            if t in stops:
+                break
+        out.append(resp)
     return out
 
 
@@ -205,25 +196,26 @@ def run_pipeline(run_dir: Path, overrides: Sequence[str], timeout_s: float) -> f
 
 
 def last_weights(run_dir: Path) -> Path:
-    done = [d for d in (run_dir / "weights").iterdir()
-            if d.name.isdigit() and (d / "COMMITTED.json").is_file()]
-    if not done:
-        raise RuntimeError(f"no committed weights under {run_dir / 'weights'}")
-    return max(done, key=lambda d: int(d.name))
+    from shared.rundir import RunDir, latest_weights
+
+    step, path = latest_weights(RunDir(run_dir))
+    if path is None:
+        raise RuntimeError(f"no committed weights under {RunDir(run_dir).weights_root}")
+    return path
 
 
 def train_curve(run_dir: Path) -> List[dict]:
+    from shared.rundir import RunDir, read_metrics, trained_steps
+
     rows = []
-    for f in sorted((run_dir / "steps").glob("*/train.json")):
-        t = json.loads(f.read_text())
+    rd = RunDir(run_dir)
+    for step in trained_steps(rd):
+        t = json.loads(rd.train_record(step).read_text())
         rows.append({k: t.get(k) for k in ("step", "loss", "reverse_kl", "forward_kl",
                                            "student_topk_mass", "grad_norm", "lr")})
     metrics = {}
-    mpath = run_dir / "metrics.jsonl"
-    if mpath.is_file():
-        for line in mpath.read_text().splitlines():
-            m = json.loads(line)
-            metrics.setdefault(m.get("step"), {}).update(m)  # the end-of-run validation row too
+    for m in read_metrics(rd):
+        metrics.setdefault(m.get("step"), {}).update(m)  # the end-of-run validation row too
     for r in rows:
         m = metrics.get(r["step"], {})
         r["gen_tokens"] = m.get("train/mean_gen_tokens_per_sample")

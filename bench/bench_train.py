@@ -33,7 +33,9 @@ from typing import Optional
 import numpy as np
 from omegaconf import OmegaConf
 
-from shared.queue import RunDir, StageQueue
+from shared.queue import StageQueue
+
+from shared.rundir import RunDir
 from shared.schemas import build_table, topk_to_arrow
 
 
@@ -85,8 +87,9 @@ def make_run_dir(root: Path, overrides: list[str]) -> RunDir:
 
     _, node = load("smoke", overrides)
     root.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(node, root / "config.yaml")
-    return RunDir(root)
+    rd = RunDir(root)
+    OmegaConf.save(node, rd.config_file)
+    return rd
 
 
 def _bigger_model(out: Path) -> Path:

@@ -470,16 +470,16 @@ def part_train(workdir: Path) -> dict:
 
     from bench.bench_train import write_scored_step
     from shared.distributed import setup_distributed
-    from shared.queue import RunDir
     from shared.recipe import load
+    from shared.rundir import RunDir
     from stages.train import METRICS, Trainer, build_optimizer, samples_from_table
 
     model_dir = workdir / "model"
     cfg, node = load("smoke", train_overrides(model_dir))
     run_dir = workdir / "train-run"
     run_dir.mkdir()
-    OmegaConf.save(node, run_dir / "config.yaml")
     rd = RunDir(run_dir)
+    OmegaConf.save(node, rd.config_file)
     d = setup_distributed(cfg.distillation.seed)
     backend = str(dist.get_backend())
     failures = []
@@ -525,9 +525,8 @@ def part_train(workdir: Path) -> dict:
 
 def part_smoke(workdir: Path) -> dict:
     """The real-shape smoke on CUDA, the three roles on the one GPU."""
-    from shared.queue import RunDir
     from shared.files import read_json
-    from shared.worker import is_committed_dir, weights_path
+    from shared.rundir import RunDir, is_committed_dir
 
     run_dir = workdir / "smoke-run"
     started = time.perf_counter()
@@ -535,16 +534,17 @@ def part_smoke(workdir: Path) -> dict:
     seconds = time.perf_counter() - started
     out = proc.stdout + proc.stderr
     summary = re.search(r"finished: (\d+) steps, (\d+) samples, (\d+) tokens in", out)
-    state = read_json(run_dir / "coordinator" / "state.json") or {}
+    rd = RunDir(run_dir)
+    state = read_json(rd.state_file) or {}
     steps = state.get("total_steps", 0)
-    losses = [(read_json(run_dir / "steps" / f"{t:06d}" / "train.json") or {}).get("loss")
+    losses = [(read_json(rd.train_record(t)) or {}).get("loss")
               for t in range(1, steps + 1)]
     failures = []
     if proc.returncode != 0 or summary is None or state.get("phase") != "finished":
         tail = "\n".join(out.strip().splitlines()[-20:])
         failures.append(f"launch.run exited {proc.returncode}, phase {state.get('phase')!r}:\n{tail}")
     elif not all(isinstance(x, float) and math.isfinite(x) for x in losses) or \
-            not is_committed_dir(weights_path(RunDir(run_dir), steps)):
+            not is_committed_dir(rd.weights_dir(steps)):
         failures.append(f"finished without every step's train.json and weights: losses {losses}")
     return {"figures": [
         figure("run wall time (3 steps, validation, shutdown)", seconds, "s"),

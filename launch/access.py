@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import List, Optional
 
 from shared.errors import UserError
+from shared.rundir import LOGS, TOP_ENTRIES
 
 PRIVATE_MODE = 0o700
 SHARED_MODE = 0o2750
-# Sluice's own entries of RUN_DIR (never links); logs/ is checked two levels down.
-TOP_ENTRIES = ("config.yaml", "run.json", "coordinator", "logs", "steps", "weights",
-               "checkpoints", "workers", "jobs", "data", "validation")
+# Sluice's own entries of RUN_DIR (shared.rundir.TOP_ENTRIES) are never links; logs/ is
+# checked two levels down.
 
 
 def umask_for(group: Optional[str]) -> int:
@@ -104,7 +104,7 @@ def check_run_dir(run_dir: Path) -> None:
     problems = _problems(run_dir, uid)
     for name in TOP_ENTRIES:
         problems += _problems(run_dir / name, uid)
-    logs = run_dir / "logs"
+    logs = run_dir / LOGS
     if logs.is_dir() and not logs.is_symlink():
         for key_dir in logs.iterdir():
             problems += _problems(key_dir, uid)

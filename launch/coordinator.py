@@ -50,15 +50,17 @@ from launch.executors import base as J
 from launch.executors import make_executor
 from launch.executors.local import pid_alive
 from shared import schemas
-from shared.partition import ROLE_LABELS, Plan
-from shared.queue import RunDir, StageQueue
 from shared.files import atomic_write_json, read_json
-from shared.worker import (COMMITTED, FINAL_STATUSES, active_steps, commit_dir, committed_steps,
-                           fault_point, is_committed_dir, load_run_config, temp_dir_for,
-                           weights_path)
+from shared.partition import Plan
+from shared.pipeline import ROLE, ROLE_NAMES, WORKER_STAGES
+from shared.queue import StageQueue
+from shared.rundir import (CHECKPOINTS, COMMITTED, CONFIG, DATA_SUMMARY, HELDOUT, TRAIN_DATA,
+                           TRAIN_RECORD, WEIGHTS, RunDir, active_steps, append_metrics, commit_dir,
+                           committed_steps, is_committed_dir, read_metrics, step_name, temp_dir_for,
+                           worker_records)
+from shared.worker import FINAL_STATUSES, fault_point, load_run_config
 
 log = logging.getLogger("sluice.coordinator")
-ROLES = ("generation", "teacher", "training")
 # A worker starting up or loading a model may be silent this long before it counts as hung.
 LOADING_GRACE_S = 1800.0
 # A job Slurm accounting has never heard of after this long counts as vanished.
@@ -103,7 +105,7 @@ def weights_needed(committed: List[int], trained: int, checkpoints: List[int], s
 
 
 def _lock_path(root) -> Path:
-    return Path(root) / "coordinator" / "lock.json"
+    return RunDir(root).lock_file
 
 
 def live_coordinator(root) -> Optional[dict]:
@@ -150,19 +152,19 @@ class Coordinator:
         self.rd = RunDir(run_dir)
         self.root = self.rd.root
         self.cfg = load_run_config(self.rd)
-        run = read_json(self.rd.path("run.json"))
+        run = read_json(self.rd.run_file)
         if run is None:
             raise FileNotFoundError(f"{self.root}/run.json missing: not a Sluice run directory")
         self.plan = Plan.from_dict(run["plan"])
         self.kind = run["executor"]
         self.executor = make_executor(self.kind, self.root, self.cfg, self.plan)
         self.units = J.units_by_key(self.executor.units())
-        self.state = read_json(self.rd.path("coordinator", "state.json")) or {
+        self.state = read_json(self.rd.state_file) or {
             "jobs": {}, "retries": {k: 0 for k in self.units}, "phase": "starting"}
         self.jobs: Dict[str, object] = {}
         """job key -> the live job this coordinator watches."""
         self.poll_s = self.cfg.queue.poll_s
-        events = self.rd.path("coordinator", "events.jsonl")
+        events = self.rd.events_file
         events.parent.mkdir(parents=True, exist_ok=True)
         self._events = open(events, "a+b")
         self._events.seek(0, os.SEEK_END)
@@ -197,7 +199,7 @@ class Coordinator:
         log.info("[coordinator] %s %s", name, detail)
 
     def save_state(self) -> None:
-        atomic_write_json(self.rd.path("coordinator", "state.json"), self.state)
+        atomic_write_json(self.rd.state_file, self.state)
 
     # ------------------------------------------------------------------ the lock
 
@@ -254,7 +256,7 @@ class Coordinator:
 
     def prepare_data(self) -> None:
         """Tokenize the training prompts once; later starts reuse data/train.arrow."""
-        path = self.rd.path("data", "train.arrow")
+        path = self.rd.data_file(TRAIN_DATA)
         if path.exists():
             return
         from shared.chat import ChatTokenizer
@@ -283,15 +285,15 @@ class Coordinator:
                 "use a larger dataset or fewer prompts per step")
         save_prompt_rows(path, kept)
         if held_out:
-            atomic_write_json(self.rd.path("data", "heldout.json"), held_out)
-        atomic_write_json(self.rd.path("data", "summary.json"),
+            atomic_write_json(self.rd.data_file(HELDOUT), held_out)
+        atomic_write_json(self.rd.data_file(DATA_SUMMARY),
                           {"train_rows": len(kept), "skipped": skipped,
                            "held_out_for_validation": len(held_out)})
         self.event("data_prepared", rows=len(kept), skipped=skipped)
 
     def _train_table(self) -> pa.Table:
         if not hasattr(self, "_train"):
-            with pa.memory_map(str(self.rd.path("data", "train.arrow"))) as f:
+            with pa.memory_map(str(self.rd.data_file(TRAIN_DATA))) as f:
                 self._train = pa.ipc.open_file(f).read_all()
         return self._train
 
@@ -317,7 +319,7 @@ class Coordinator:
         if q.expected() is None:
             q.expect(n)
         n = q.expected()
-        for stage in ("rollouts", "scored"):
+        for stage in WORKER_STAGES:
             sq = StageQueue(self.rd, step, stage)
             if sq.expected() is None:
                 sq.expect(n)
@@ -347,27 +349,27 @@ class Coordinator:
     def trained_step(self) -> int:
         """Highest step t such that steps 1..t all have train.json."""
         t = 0
-        while self.rd.path("steps", f"{t + 1:06d}", "train.json").is_file():
+        while self.rd.train_record(t + 1).is_file():
             t += 1
         return t
 
     def last_checkpoint(self) -> int:
-        return max(committed_steps(self.rd, "checkpoints"), default=0)
+        return max(committed_steps(self.rd, CHECKPOINTS), default=0)
 
     def prune_weights(self, trained: int, total: int) -> List[int]:
         """Delete the weights/<v> no longer needed (weights_needed); returns the versions
         deleted. A version disappears from listings at once (renamed out of the digits'
         namespace), then its files are removed."""
-        root = self.rd.path("weights")
-        committed = committed_steps(self.rd, "weights")
-        checkpoints = committed_steps(self.rd, "checkpoints")
+        root = self.rd.weights_root
+        committed = committed_steps(self.rd, WEIGHTS)
+        checkpoints = committed_steps(self.rd, CHECKPOINTS)
         pending = [v for v in self.validation.versions(total) if not self.validation.is_collected(v)]
         needed = weights_needed(committed, trained, checkpoints, self.cfg.distillation.max_staleness,
                                 pending, self.cfg.checkpointing.keep_weights_period)
         dropped = [v for v in committed if v not in needed]
         for v in dropped:
-            doomed = root / f".pruned-{v:06d}-{uuid.uuid4().hex[:8]}"
-            os.replace(root / f"{v:06d}", doomed)
+            doomed = root / f".pruned-{step_name(v)}-{uuid.uuid4().hex[:8]}"
+            os.replace(self.rd.weights_dir(v), doomed)
             shutil.rmtree(doomed, ignore_errors=True)
         if dropped:
             self.event("weights_pruned", versions=dropped)
@@ -381,12 +383,12 @@ class Coordinator:
         for t in active_steps(self.rd, "prompts"):
             if t <= ckpt:
                 continue
-            tj = self.rd.path("steps", f"{t:06d}", "train.json")
+            tj = self.rd.train_record(t)
             if tj.exists():
-                os.replace(tj, tj.with_name(f"train.json.superseded-{int(time.time())}"))
+                os.replace(tj, tj.with_name(f"{TRAIN_RECORD}.superseded-{int(time.time())}"))
                 redone.append(t)
             if t >= ckpt + 2:  # generated with weights of a step that is redone
-                for stage in ("rollouts", "scored"):
+                for stage in WORKER_STAGES:
                     q = StageQueue(self.rd, t, stage)
                     for k in list(q.committed()):
                         q.quarantine(k, f"redo: training resumed from checkpoint {ckpt}")
@@ -491,29 +493,26 @@ class Coordinator:
                 f"the {roles} job {key} failed more than launch.max_retries="
                 f"{self.cfg.launch.max_retries} times; last: {last}\n"
                 f"Fix the cause, then resume with: python -m launch.run "
-                f"conf={self.root / 'config.yaml'} launch.run_dir={self.root} "
+                f"conf={self.root / CONFIG} launch.run_dir={self.root} "
                 f"(or raise launch.max_retries)")
 
     def _mark_workers_lost(self, job_id: str, state: str, before: Optional[float] = None) -> None:
         """The worker records of a dead job (or, with `before`, of its incarnations that started
         before that time) say so: inspect shows it, placement and liveness checks skip them.
         A record of a worker that recorded its own end is left as it is."""
-        for role in ROLES:
-            wdir = self.rd.path("workers", role)
-            for p in wdir.glob("*.json") if wdir.is_dir() else []:
-                info = read_json(p)
-                if not info or str(info.get("job_id")) != job_id or info.get("status") in FINAL_STATUSES:
-                    continue
-                if before is not None and info.get("started", 0) >= before:
-                    continue
-                info.update(status="lost", detail=f"job {job_id} {state}")
-                atomic_write_json(p, info)
+        for p, info in worker_records(self.rd):
+            if str(info.get("job_id")) != job_id or info.get("status") in FINAL_STATUSES:
+                continue
+            if before is not None and info.get("started", 0) >= before:
+                continue
+            info.update(status="lost", detail=f"job {job_id} {state}")
+            atomic_write_json(p, info)
 
     def _break_claims(self, job_id: str) -> int:
         """Release the claims a dead job held, so its shards are redone now, not after the lease."""
         n = 0
         for t in active_steps(self.rd, "prompts"):
-            for stage in ("rollouts", "scored"):
+            for stage in WORKER_STAGES:
                 n += len(StageQueue(self.rd, t, stage).break_claims(job_id))
         return n + self.validation.break_claims(job_id)
 
@@ -551,7 +550,8 @@ class Coordinator:
             self._running.pop(key, None)
             outcome = self._judge_end(key, job, state)
             if outcome == "failed":
-                self._count_retry(key, f"job {job_id} ({key}) ended {state}. Log: "
+                said = "".join(f"\n  {line}" for line in self._failure_reports(job_id))
+                self._count_retry(key, f"job {job_id} ({key}) ended {state}.{said}\nLog: "
                                        f"{job.paths.stderr}\n--- last lines ---\n{J.stderr_tail(job)}")
                 self.submit(key, retry=True)
             elif outcome == "scheduler":
@@ -567,7 +567,7 @@ class Coordinator:
             return "done"  # its workers saw the run end
         roles = list(self.units[key].roles)
         broken = self._break_claims(job_id)
-        self._mark_workers_lost(job_id, f"ended {state}")
+        self._mark_workers_lost(job_id, f"ended {state}")  # failed records stay as they are
         extra = {"while_coordinator_down": True} if while_coordinator_down else {}
         end = read_json(J.job_end_path(self.root, job_id)) or {}
         if job_id not in self._cancelled_hung and (
@@ -580,10 +580,18 @@ class Coordinator:
             return "scheduler"
         if state == "COMPLETED" and while_coordinator_down:
             return "done"  # e.g. a worker that saw STOP of an earlier, finished coordinator
+        said = self._failure_reports(job_id)
         self.event("job_failed", job=key, roles=roles, job_id=job_id, state=state,
                    claims_released=broken, log=str(job.paths.stderr),
-                   last_lines=J.stderr_tail(job), **extra)
+                   last_lines=J.stderr_tail(job), **({"worker_said": said} if said else {}),
+                   **extra)
         return "failed"
+
+    def _failure_reports(self, job_id: str) -> List[str]:
+        """What the job's failed workers reported (shared.worker.Worker.fail), one line each."""
+        return [f"{info.get('role')} task {info.get('task_id')} on {info.get('node')}: "
+                f"{info.get('detail')}" for _, info in worker_records(self.rd)
+                if str(info.get("job_id")) == job_id and info.get("status") == "failed"]
 
     def _requeued(self, key: str, job, state: str) -> None:
         """Slurm requeued a running job (preemption, scontrol requeue): it runs again later
@@ -625,16 +633,14 @@ class Coordinator:
         """Placement (no node shared by isolated roles) and liveness (hung workers), from the
         records of the workers of the jobs this coordinator watches (a dead job's stale record
         never counts, nor does a one-shot launch.resubmit job's)."""
-        tracked: Dict[str, Dict[str, object]] = {role: {} for role in ROLES}
+        tracked: Dict[str, Dict[str, object]] = {role: {} for role in ROLE_NAMES}
         for key, job in self.jobs.items():
             for role in self.units[key].roles:
                 tracked[role][str(job.job_id)] = job
         records: Dict[str, list] = {}
-        for role in ROLES:
-            wdir = self.rd.path("workers", role)
-            for p in wdir.glob("*.json") if wdir.is_dir() else []:
-                info = read_json(p)
-                if not info or info.get("status") in FINAL_STATUSES:
+        for role in ROLE_NAMES:
+            for _, info in worker_records(self.rd, role):
+                if info.get("status") in FINAL_STATUSES:
                     continue
                 job = tracked[role].get(str(info.get("job_id")))
                 if job is None:
@@ -649,8 +655,8 @@ class Coordinator:
         self._check_back(records)
         if self.plan.isolated:
             nodes = {r: {i["node"] for i in recs} for r, recs in records.items()}
-            for a in ROLES:
-                for b in ROLES:
+            for a in ROLE_NAMES:
+                for b in ROLE_NAMES:
                     if a < b and nodes.get(a, set()) & nodes.get(b, set()):
                         shared = sorted(nodes[a] & nodes[b])
                         self.event("placement_violation", roles=[a, b], nodes=shared)
@@ -681,8 +687,6 @@ class Coordinator:
     def logged_steps(self) -> set:
         """Steps that already have their row in metrics.jsonl (a restarted coordinator that
         died between writing a row and saving state.json must not write it twice)."""
-        from launch.metrics import read_metrics
-
         return {r.get("step") for r in read_metrics(self.rd) if "train/loss" in r}
 
     def log_step(self, step: int) -> None:
@@ -691,11 +695,7 @@ class Coordinator:
         if step in self._logged:
             return
         row = step_metrics(self.rd, step, self.cfg)
-        path = self.rd.path("metrics.jsonl")
-        with open(path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_metrics(self.rd, row)
         self._logged.add(step)
         if self.logger is not None:
             self.logger.log(row, step=step)
@@ -733,8 +733,8 @@ class Coordinator:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
-        self.rd.path("coordinator").mkdir(parents=True, exist_ok=True)
-        stop = self.rd.path("coordinator", "STOP")
+        self.rd.coordinator_dir.mkdir(parents=True, exist_ok=True)
+        stop = self.rd.stop_file
         if stop.exists() and self.state.get("phase") == "finished":
             print(f"run {self.root} is already finished")
             return 0
@@ -752,7 +752,7 @@ class Coordinator:
 
     def _run(self, stop: Path) -> int:
         stop.unlink(missing_ok=True)
-        labels = ", ".join(f"{ROLE_LABELS[r]}={p.num_nodes}x{p.gpus_per_node}GPUs"
+        labels = ", ".join(f"{ROLE[r].label}={p.num_nodes}x{p.gpus_per_node}GPUs"
                            for r, p in self.plan.roles.items())
         log.info(("Isolated clusters created: " if self.plan.isolated else "Clusters created: ") + labels)
         self.event("coordinator_started", pid=os.getpid(), executor=self.kind, plan=labels)
@@ -818,7 +818,7 @@ class Coordinator:
         Hugging Face format (weights/<step>, which training exported in the base model's
         dtype, with its config and tokenizer): hard links where the filesystem allows, else
         copies, committed as one directory."""
-        src, final = weights_path(self.rd, step), self.rd.path("final")
+        src, final = self.rd.weights_dir(step), self.rd.final_dir
         if not is_committed_dir(src):
             raise RunFailed(f"{src} is not committed: cannot publish the final model "
                             "(checkpointing.save_consolidated)")
@@ -837,7 +837,7 @@ class Coordinator:
     def finish(self) -> int:
         self.state["phase"] = "finishing"
         self.save_state()
-        atomic_write_json(self.rd.path("coordinator", "STOP"), {"reason": "finished"})
+        atomic_write_json(self.rd.stop_file, {"reason": "finished"})
         self.stop_all()
         if self.cfg.checkpointing.save_consolidated:
             self.publish_final(self.state["total_steps"])
@@ -890,7 +890,7 @@ class CoordinatorJob:
                       e, job_id)
             subprocess.run(["scontrol", "requeue", job_id], check=False)
             return 0
-        with open(rd.path("coordinator", "events.jsonl"), "a") as f:
+        with open(rd.events_file, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), "event": "coordinator_handoff",
                                 "from_job": job_id, "to_job": str(successor.job_id)}) + "\n")
         log.info("[coordinator] handed the run over to coordinator job %s (starts when job %s ends)",

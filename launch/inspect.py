@@ -20,22 +20,19 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from shared.errors import UserError, exit_with
-from shared.queue import RunDir, StageQueue, check_shard_index, check_step
-from shared.schemas import STAGES, check_stage
 from shared.files import read_json
+from shared.pipeline import STAGES, check_stage
+from shared.queue import StageQueue
+from shared.rundir import (RunDir, check_shard_index, check_step, is_committed_dir, read_events,
+                           step_numbers, worker_records)
 
 
 def _open_run(path: str) -> RunDir:
     rd = RunDir(path)
-    if not rd.path("run.json").is_file():
+    if not rd.run_file.is_file():
         raise UserError(f"{path}: not a Sluice run directory (no run.json). Fix: give the "
                         "directory printed by python -m launch.run.")
     return rd
-
-
-def _steps(rd: RunDir) -> List[int]:
-    d = rd.path("steps")
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
 def _claims(q: StageQueue, expected: Optional[int]) -> List[dict]:
@@ -63,10 +60,10 @@ def stage_status(rd: RunDir, step: int, stage: str) -> dict:
 
 
 def run_status(rd: RunDir) -> dict:
-    state = read_json(rd.path("coordinator", "state.json"), {}) or {}
+    state = read_json(rd.state_file, {}) or {}
     steps = []
-    for t in _steps(rd):
-        train = read_json(rd.path("steps", f"{t:06d}", "train.json"))
+    for t in step_numbers(rd):
+        train = read_json(rd.train_record(t))
         steps.append({
             "step": t,
             **{s: stage_status(rd, t, s) for s in STAGES},
@@ -74,13 +71,7 @@ def run_status(rd: RunDir) -> dict:
             "loss": train.get("loss") if train else None,
         })
     events = read_events(rd)
-    workers = []
-    wdir = rd.path("workers")
-    if wdir.is_dir():
-        for p in sorted(wdir.glob("*/*.json")):
-            info = read_json(p)
-            if info:
-                workers.append(info)
+    workers = [info for _, info in worker_records(rd)]
     return {
         "run_dir": str(rd.root), "phase": state.get("phase", "not started"),
         "total_steps": state.get("total_steps"), "trained_step": state.get("trained_step", 0),
@@ -160,7 +151,9 @@ def print_status(st: dict) -> None:
         for e in st["failures"]:
             print(f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']} "
                   + " ".join(f"{k}={v}" for k, v in e.items()
-                             if k not in ("time", "event", "last_lines")))
+                             if k not in ("time", "event", "last_lines", "worker_said")))
+            for line in e.get("worker_said", []):
+                print(f"    {line}")
     recent = st["events"][-8:]
     if recent:
         print("recent events:")
@@ -243,33 +236,20 @@ def print_rows(rows: List[dict]) -> None:
                 print(f"  [{t:4d}] {tokinfo['token']!r:>14}  teacher: {tops}")
 
 
-def read_events(rd: RunDir) -> List[dict]:
-    """coordinator/events.jsonl, skipping a line cut short by a killed writer."""
-    events = []
-    ev = rd.path("coordinator", "events.jsonl")
-    if ev.exists():
-        for line in ev.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return events
-
-
 def verify(rd: RunDir) -> dict:
     """Every shard against its checksum, leftovers, stale claims, and the weights of trained
     steps (those the coordinator pruned, once no longer needed, excepted)."""
     problems = {"corrupt": [], "orphaned": [], "stale_claims": [], "missing_weights": []}
     pruned = {v for e in read_events(rd) if e.get("event") == "weights_pruned" for v in e.get("versions", [])}
-    for t in _steps(rd):
+    for t in step_numbers(rd):
         for stage in STAGES:
             rep = StageQueue(rd, t, stage).verify(deep=True)
             problems["corrupt"] += rep.corrupt
             problems["orphaned"] += rep.orphaned
             problems["stale_claims"] += rep.stale_claims
-        if rd.path("steps", f"{t:06d}", "train.json").exists() and t not in pruned:
-            w = rd.path("weights", f"{t:06d}")
-            if not (w / "COMMITTED.json").exists():
+        if rd.train_record(t).exists() and t not in pruned:
+            w = rd.weights_dir(t)
+            if not is_committed_dir(w):
                 problems["missing_weights"].append(str(w))
     return problems
 

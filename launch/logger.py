@@ -38,7 +38,7 @@ from numbers import Number
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from shared.queue import RunDir
+from shared.rundir import WANDB, RunDir
 
 log = logging.getLogger("sluice.logger")
 
@@ -73,7 +73,7 @@ def run_config_dict(rd: RunDir) -> Dict[str, Any]:
     """RUN_DIR/config.yaml as a plain dict, secrets redacted."""
     from omegaconf import OmegaConf
 
-    path = rd.path("config.yaml")
+    path = rd.config_file
     if not path.is_file():
         return {}
     return scrub(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
@@ -157,7 +157,7 @@ class MetricsLogger:
         import wandb
 
         w = self.cfg.logger.wandb
-        wdir = self.rd.path("wandb")
+        wdir = self.rd.path(WANDB)
         wdir.mkdir(parents=True, exist_ok=True)
         id_file = wdir / RUN_ID_FILE
         if id_file.is_file():

@@ -9,17 +9,18 @@ metrics of a step can be recomputed at any time: `python -m launch.inspect RUN_D
 
 from __future__ import annotations
 
-import json
 from typing import Dict, Optional
 
 import numpy as np
 import pyarrow.compute as pc
 
-from shared.queue import RunDir, StageQueue
+from shared.queue import StageQueue
+
 from shared.files import read_json
+from shared.pipeline import PRODUCER, WORKER_STAGES
+from shared.rundir import RunDir, read_metrics
 
 STAGE_BUSY_KEY = {"rollouts": "gen_s", "scored": "score_s"}
-STAGE_LABEL = {"rollouts": "generation", "scored": "teacher"}
 
 
 def _stage_window(q: StageQueue) -> Optional[Dict[str, float]]:
@@ -36,7 +37,7 @@ def _stage_window(q: StageQueue) -> Optional[Dict[str, float]]:
 
 def step_metrics(rd: RunDir, step: int, cfg) -> dict:
     row: Dict[str, float] = {"step": step}
-    train = read_json(rd.path("steps", f"{step:06d}", "train.json"), {}) or {}
+    train = read_json(rd.train_record(step), {}) or {}
     for key in ("loss", "grad_norm", "lr"):
         if key in train:
             row[f"train/{key}"] = train[key]
@@ -63,9 +64,9 @@ def step_metrics(rd: RunDir, step: int, cfg) -> dict:
         w = _stage_window(StageQueue(rd, step, stage))
         if w:
             windows[stage] = w
-    for stage in ("rollouts", "scored"):
+    for stage in WORKER_STAGES:
         if stage in windows:
-            w, label = windows[stage], STAGE_LABEL[stage]
+            w, label = windows[stage], PRODUCER[stage]
             row[f"timing/{label}"] = w["end"] - w["start"]
             row[f"timing/{label}_busy"] = w["busy"]
             if w["busy"] > 0 and w["tokens"]:
@@ -81,24 +82,11 @@ def step_metrics(rd: RunDir, step: int, cfg) -> dict:
     timing = train.get("timing", {})
     for key, val in timing.items():
         row[f"timing/training_{key}"] = val
-    train_path = rd.path("steps", f"{step:06d}", "train.json")
+    train_path = rd.train_record(step)
     if "prompts" in windows and train_path.exists():
         # From the step's prompts being written to its training result (wall clock).
         row["timing/step"] = train_path.stat().st_mtime - windows["prompts"]["start"]
     return row
-
-
-def read_metrics(rd: RunDir):
-    path = rd.path("metrics.jsonl")
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill mid-write
-    return rows
 
 
 def summary(rd: RunDir, elapsed_s: float) -> str:
@@ -110,7 +98,7 @@ def summary(rd: RunDir, elapsed_s: float) -> str:
     lines = [f"run {rd.root} finished: {len(rows)} steps, {int(samples)} samples, "
              f"{int(tokens)} tokens in {elapsed_s:.0f}s",
              f"  loss: first {rows[0]['train/loss']:.4f} -> last {rows[-1]['train/loss']:.4f}"]
-    for label in ("generation", "teacher"):
+    for label in (PRODUCER[s] for s in WORKER_STAGES):
         vals = [r[f"timing/{label}"] for r in rows if f"timing/{label}" in r]
         if vals:
             lines.append(f"  time per step, {label}: mean {np.mean(vals):.1f}s")

@@ -17,13 +17,11 @@ Uses matplotlib's Agg canvas directly (no pyplot, no display, no global backend 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from launch.metrics import read_metrics
-from shared.queue import RunDir
+from shared.rundir import RunDir, read_metrics
 
 TITLES = ("train loss", "validation accuracy", "time per stage")
 STAGE_TIMINGS = (("timing/generation", "generation"), ("timing/teacher", "teacher"),

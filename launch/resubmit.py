@@ -26,25 +26,20 @@ import time
 from typing import List, Optional, Tuple
 
 from shared.errors import UserError, exit_with
-from shared.partition import Plan
-from shared.queue import RunDir, StageQueue, check_shard_index, check_step
 from shared.files import read_json
-from shared.worker import FINAL_STATUSES, committed_steps, latest_weights, load_run_config
-
-OUTPUT = {"generation": ["rollouts", "scored"], "teacher": ["scored"]}
-
+from shared.partition import Plan
+from shared.pipeline import ROLE_NAMES, redone_by
+from shared.queue import StageQueue
+from shared.rundir import (CHECKPOINTS, RunDir, check_shard_index, check_step, committed_steps,
+                           latest_weights, worker_records)
+from shared.worker import FINAL_STATUSES, load_run_config
 
 def live_workers(rd: RunDir, role: str, lease_s: float) -> List[dict]:
-    if rd.path("coordinator", "STOP").exists():
+    if rd.stop_file.exists():
         return []
-    wdir = rd.path("workers", role)
     now = time.time()
-    out = []
-    for p in wdir.glob("*.json") if wdir.is_dir() else []:
-        info = read_json(p)
-        if info and info.get("status") not in FINAL_STATUSES and now - info.get("heartbeat", 0) < lease_s:
-            out.append(info)
-    return out
+    return [info for _, info in worker_records(rd, role)
+            if info.get("status") not in FINAL_STATUSES and now - info.get("heartbeat", 0) < lease_s]
 
 
 class WaitFailed(Exception):
@@ -59,58 +54,17 @@ def resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int]
 def _resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int]) -> Tuple[List[str], object]:
     """As resubmit; also returns the one-shot job submitted (None: none was needed)."""
     rd = RunDir(run_dir)
-    run = read_json(rd.path("run.json"))
+    run = read_json(rd.run_file)
     if run is None:
         raise UserError(f"{run_dir}: not a Sluice run directory (no run.json).")
     cfg = load_run_config(rd)
-    said: List[str] = []
     if stage == "training":
-        if step is None:
-            raise UserError("--stage training needs --step N (the first step to retrain).")
-        ckpts = committed_steps(rd, "checkpoints")
-        if step > 1 and step - 1 not in ckpts:
-            raise UserError(f"cannot retrain from step {step}: no checkpoint of step {step - 1} "
-                            f"(checkpoints: {sorted(ckpts) or 'none'}). Fix: choose a step right "
-                            "after a checkpoint.")
-        import os
-
-        for p in sorted(rd.path("checkpoints").glob("[0-9]*")) if ckpts else []:
-            if int(p.name) >= step:
-                os.replace(p, p.with_name(f".superseded-{p.name}-{int(time.time())}"))
-                said.append(f"set aside checkpoint {p.name}")
-        from launch.coordinator import Coordinator
-
-        Coordinator(rd.root).invalidate_after(step - 1)
-        said.append(f"steps >= {step} will be retrained from checkpoint {step - 1}")
-        from launch.executors import base as J, make_executor
-
-        executor = make_executor(run["executor"], rd.root, cfg, Plan.from_dict(run["plan"]))
-        state = read_json(rd.path("coordinator", "state.json"), {}) or {}
-        for key, info in state.get("jobs", {}).items():
-            if "training" not in info.get("roles", []):
-                continue
-            job = executor.reattach(key, info["job_id"])
-            if executor.state(job) in J.LIVE_STATES:
-                executor.cancel(job)
-                said.append(f"stopped training job {info['job_id']} ({key}); the coordinator "
-                            "resubmits it")
-        if rd.path("coordinator", "STOP").exists():
-            said.append(f"the run is not running: resume it with python -m launch.run "
-                        f"conf={run.get('recipe')} launch.run_dir={rd.root}")
-        return said, None
-
+        return _retrain(rd, run, cfg, step), None
+    said: List[str] = []
     if step is not None and stage == "generation":
         _check_weights_kept(rd, cfg, step)
     if step is not None:
-        for out_stage in OUTPUT[stage]:
-            q = StageQueue(rd, step, out_stage)
-            if q.expected() is None:
-                raise UserError(f"step {step} has no {out_stage} stage yet. Fix: check the step "
-                                f"with python -m launch.inspect {rd.root}.")
-            targets = [shard] if shard is not None else sorted(q.committed())
-            for k in targets:
-                if q.quarantine(k, f"launch.resubmit --stage {stage}") is not None:
-                    said.append(f"invalidated step {step} {out_stage} shard {k} (moved to quarantine/)")
+        said += _invalidate_shards(rd, stage, step, shard)
     if live_workers(rd, stage, cfg.queue.lease_s):
         said.append(f"a live {stage} worker will redo it")
         return said, None
@@ -121,6 +75,74 @@ def _resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int
     said.append(f"no live {stage} worker: submitted job {job.job_id}"
                 + (f" to redo step {step}" if step is not None else ""))
     return said, job
+
+
+def _retrain(rd: RunDir, run: dict, cfg, step: Optional[int]) -> List[str]:
+    """--stage training: set the checkpoints of `step` on aside, invalidate the steps from
+    `step` on, and stop the training job so that the coordinator restarts it from there."""
+    if step is None:
+        raise UserError("--stage training needs --step N (the first step to retrain).")
+    ckpts = committed_steps(rd, CHECKPOINTS)
+    if step > 1 and step - 1 not in ckpts:
+        raise UserError(f"cannot retrain from step {step}: no checkpoint of step {step - 1} "
+                        f"(checkpoints: {sorted(ckpts) or 'none'}). Fix: choose a step right "
+                        "after a checkpoint.")
+    said = _set_aside_checkpoints(rd, step) if ckpts else []
+    from launch.coordinator import Coordinator
+
+    Coordinator(rd.root).invalidate_after(step - 1)
+    said.append(f"steps >= {step} will be retrained from checkpoint {step - 1}")
+    said += _stop_training_jobs(rd, run, cfg)
+    if rd.stop_file.exists():
+        said.append(f"the run is not running: resume it with python -m launch.run "
+                    f"conf={run.get('recipe')} launch.run_dir={rd.root}")
+    return said
+
+
+def _set_aside_checkpoints(rd: RunDir, step: int) -> List[str]:
+    """Rename the checkpoints of steps >= `step` to .superseded-* (kept, no longer committed)."""
+    import os
+
+    said = []
+    for p in sorted(rd.checkpoints_root.glob("[0-9]*")):
+        if int(p.name) >= step:
+            os.replace(p, p.with_name(f".superseded-{p.name}-{int(time.time())}"))
+            said.append(f"set aside checkpoint {p.name}")
+    return said
+
+
+def _stop_training_jobs(rd: RunDir, run: dict, cfg) -> List[str]:
+    """Cancel the run's live training jobs (the coordinator resubmits them)."""
+    from launch.executors import base as J, make_executor
+
+    executor = make_executor(run["executor"], rd.root, cfg, Plan.from_dict(run["plan"]))
+    state = read_json(rd.state_file, {}) or {}
+    said = []
+    for key, info in state.get("jobs", {}).items():
+        if "training" not in info.get("roles", []):
+            continue
+        job = executor.reattach(key, info["job_id"])
+        if executor.state(job) in J.LIVE_STATES:
+            executor.cancel(job)
+            said.append(f"stopped training job {info['job_id']} ({key}); the coordinator "
+                        "resubmits it")
+    return said
+
+
+def _invalidate_shards(rd: RunDir, stage: str, step: int, shard: Optional[int]) -> List[str]:
+    """Quarantine `shard` (None: every committed shard) of each of `stage`'s output stages
+    at `step`, so that they are pending again."""
+    said = []
+    for out_stage in redone_by(stage):
+        q = StageQueue(rd, step, out_stage)
+        if q.expected() is None:
+            raise UserError(f"step {step} has no {out_stage} stage yet. Fix: check the step "
+                            f"with python -m launch.inspect {rd.root}.")
+        targets = [shard] if shard is not None else sorted(q.committed())
+        for k in targets:
+            if q.quarantine(k, f"launch.resubmit --stage {stage}") is not None:
+                said.append(f"invalidated step {step} {out_stage} shard {k} (moved to quarantine/)")
+    return said
 
 
 def _check_weights_kept(rd: RunDir, cfg, step: int) -> None:
@@ -146,12 +168,12 @@ def wait_for(run_dir: str, stage: str, step: int, job, timeout_s: Optional[float
     from launch.executors import base as J, make_executor
 
     rd = RunDir(run_dir)
-    run = read_json(rd.path("run.json")) or {}
+    run = read_json(rd.run_file) or {}
     executor = make_executor(run.get("executor", "local"), rd.root, load_run_config(rd),
                              Plan.from_dict(run["plan"]))
-    stages = OUTPUT.get(stage, [])
+    stages = redone_by(stage)
     started = time.monotonic()
-    had_stop = rd.path("coordinator", "STOP").exists()
+    had_stop = rd.stop_file.exists()
 
     def complete() -> bool:
         return all(StageQueue(rd, step, s).is_complete() for s in stages)
@@ -167,8 +189,8 @@ def wait_for(run_dir: str, stage: str, step: int, job, timeout_s: Optional[float
                     f"the one-shot {stage} job {job.job_id} ended {state} before step {step}'s "
                     f"{'/'.join(stages)} shards were committed. Log: {job.paths.stderr}\n"
                     f"--- last lines ---\n{J.stderr_tail(job)}")
-        elif not had_stop and rd.path("coordinator", "STOP").exists() and not complete():
-            stop = read_json(rd.path("coordinator", "STOP"), {}) or {}
+        elif not had_stop and rd.stop_file.exists() and not complete():
+            stop = read_json(rd.stop_file, {}) or {}
             raise WaitFailed(f"the run stopped ({stop.get('reason', '?')}) before step {step}'s "
                              f"{'/'.join(stages)} shards were redone. Resume it with python -m "
                              f"launch.run conf=... launch.run_dir={rd.root}")
@@ -179,25 +201,35 @@ def wait_for(run_dir: str, stage: str, step: int, job, timeout_s: Optional[float
     return f"step {step} {'/'.join(stages)} complete"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.resubmit", description=__doc__.split("\n")[0])
     p.add_argument("run_dir")
-    p.add_argument("--stage", required=True, choices=["generation", "teacher", "training"])
+    p.add_argument("--stage", required=True, choices=list(ROLE_NAMES))
     p.add_argument("--step", type=int)
     p.add_argument("--shard", type=int)
     p.add_argument("--wait", action="store_true",
                    help="with --step: wait until the step is redone (exit 1 if its job dies first)")
     p.add_argument("--timeout", type=float, default=None,
                    help="with --wait: give up after this many seconds (default: as long as the job lives)")
-    args = p.parse_args(argv)
+    return p
+
+
+def _step_and_shard(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int]]:
+    """The checked --step and --shard; ValueError or UserError if they or --wait do not fit."""
+    step = None if args.step is None else check_step(args.step)
+    shard = None if args.shard is None else check_shard_index(args.shard)
+    if shard is not None and step is None:
+        raise UserError("--shard needs --step. Fix: add --step N.")
+    if args.wait and (step is None or args.stage == "training"):
+        raise UserError("--wait needs --step N and --stage generation or teacher (training "
+                        "is redone by the run's coordinator).")
+    return step, shard
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        step = None if args.step is None else check_step(args.step)
-        shard = None if args.shard is None else check_shard_index(args.shard)
-        if shard is not None and step is None:
-            raise UserError("--shard needs --step. Fix: add --step N.")
-        if args.wait and (step is None or args.stage == "training"):
-            raise UserError("--wait needs --step N and --stage generation or teacher (training "
-                            "is redone by the run's coordinator).")
+        step, shard = _step_and_shard(args)
         said, job = _resubmit(args.run_dir, args.stage, step, shard)
         for line in said:
             print(line, flush=True)

@@ -23,10 +23,11 @@ from omegaconf import OmegaConf
 
 from launch import access
 from shared import schemas
-from shared.errors import UserError
-from shared.recipe import REPO_ROOT
 from shared.config_check import resolve_path
-from shared.files import atomic_write_json, read_json
+from shared.errors import UserError
+from shared.files import atomic_write_bytes, atomic_write_json, read_json
+from shared.recipe import REPO_ROOT
+from shared.rundir import FOLDERS, RunDir
 
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN")
 # 2: jobs are whole-node groups keyed by job key (coordinator/state.json, logs/<key>/).
@@ -81,12 +82,11 @@ def default_run_dir(name: str) -> Path:
 def create_run_dir(run_dir: Path, recipe: str, node, plan, executor: str, share_group=None) -> None:
     _absolute_paths(node)
     access.create_run_dir(run_dir, share_group)
-    for sub in ("coordinator", "steps", "weights", "checkpoints", "logs", "workers", "data"):
-        (run_dir / sub).mkdir(exist_ok=True)
-    text = scrub_secrets(OmegaConf.to_yaml(node))
-    (run_dir / "config.yaml.tmp").write_text(text)
-    os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
-    atomic_write_json(run_dir / "run.json", {
+    rd = RunDir(run_dir)
+    for sub in FOLDERS:
+        rd.path(sub).mkdir(exist_ok=True)
+    atomic_write_bytes(rd.config_file, scrub_secrets(OmegaConf.to_yaml(node)).encode())
+    atomic_write_json(rd.run_file, {
         "schema_version": RUN_SCHEMA_VERSION, "shard_schema_version": schemas.SCHEMA_VERSION,
         "code_version": code_version(), "created": time.time(), "recipe": recipe,
         "argv": [scrub_secrets(a) for a in sys.argv[1:]], "executor": executor,
@@ -108,7 +108,7 @@ def ensure_models(cfg) -> None:
 def start(conf: str, cfg, node, plan) -> int:
     run_dir = Path(cfg.launch.run_dir).expanduser().resolve() if cfg.launch.run_dir \
         else default_run_dir(cfg.launch.name or Path(conf).stem).resolve()
-    if (run_dir / "run.json").exists():
+    if RunDir(run_dir).run_file.exists():
         from launch.coordinator import describe_lock, live_coordinator
 
         held = live_coordinator(run_dir)
@@ -117,7 +117,7 @@ def start(conf: str, cfg, node, plan) -> int:
                             f"Fix: watch it with python -m launch.inspect {run_dir}; to restart it, "
                             "stop that process (or scancel its job) first.")
         access.check_run_dir(run_dir)
-        run = read_json(run_dir / "run.json")
+        run = read_json(RunDir(run_dir).run_file)
         if run is None or run.get("schema_version") != RUN_SCHEMA_VERSION:
             raise UserError(f"{run_dir} was made by another version of Sluice (run schema "
                             f"{(run or {}).get('schema_version')}, this one writes "
@@ -145,7 +145,7 @@ def start(conf: str, cfg, node, plan) -> int:
         from launch.coordinator import main as coordinator_main
 
         return coordinator_main([str(run_dir)])
-    log_dir = run_dir / "logs" / "coordinator"
+    log_dir = RunDir(run_dir).log_dir("coordinator")
     log_dir.mkdir(parents=True, exist_ok=True)
     if executor == "slurm":
         from launch.coordinator import CoordinatorJob

@@ -59,15 +59,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shared import schemas
-from shared.queue import CorruptShardError, RunDir, StageQueue
 from shared.files import atomic_write_json, read_json
-from shared.worker import validation_run_dir
+from shared.queue import CorruptShardError, StageQueue
+from shared.rundir import DATA_SUMMARY, HELDOUT, RunDir, append_metrics, read_metrics, step_numbers
 
 log = logging.getLogger("sluice.validation")
 
 ACCURACY = "validation/accuracy"
 AVG_LENGTH = "validation/avg_length"
-DATA_FILE = ("data", "validation.arrow")
+DATA_FILE = "validation.arrow"  # in RUN_DIR/data/
 
 
 def scheduled_versions(cfg, total_steps: int) -> List[int]:
@@ -109,7 +109,7 @@ class Validation:
     def __init__(self, run_dir, cfg):
         self.rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.cfg = cfg
-        self.vrd = validation_run_dir(self.rd)
+        self.vrd = self.rd.validation
         self._collected: set = set()
         self._table: Optional[pa.Table] = None
 
@@ -133,7 +133,7 @@ class Validation:
         if cfg.data.validation.dataset_name is not None or cfg.data.validation.data_path is not None:
             rows, skipped = load_rows(cfg.data.validation, cfg, "validation")
             return rows, skipped, cfg.data.validation, "data.validation"
-        held = read_json(self.rd.path("data", "heldout.json"))
+        held = read_json(self.rd.data_file(HELDOUT))
         if held:
             return held, {}, cfg.data.train, "held out of data.train"
         return None
@@ -141,7 +141,7 @@ class Validation:
     def prepare(self, tokenizer=None) -> int:
         """Tokenize the validation prompts once (data/validation.arrow); returns the rows.
         0 (with a warning) when validation is enabled but there is no validation data."""
-        path = self.rd.path(*DATA_FILE)
+        path = self.rd.data_file(DATA_FILE)
         if path.exists() or not self.enabled:
             return self.num_rows()
         cfg = self.cfg
@@ -178,7 +178,7 @@ class Validation:
                 continue
             kept.append({**r, "prompt_ids": ids})
         save_prompt_rows(path, kept)
-        atomic_write_json(self.vrd.path("summary.json"),
+        atomic_write_json(self.vrd.path(DATA_SUMMARY),
                           {"rows": len(kept), "source": label, "skipped": skipped})
         if not kept:
             log.warning("validation: no usable validation rows (%s; skipped %s)", label, skipped)
@@ -188,12 +188,12 @@ class Validation:
 
     def table(self) -> pa.Table:
         if self._table is None:
-            with pa.memory_map(str(self.rd.path(*DATA_FILE))) as f:
+            with pa.memory_map(str(self.rd.data_file(DATA_FILE))) as f:
                 self._table = pa.ipc.open_file(f).read_all()
         return self._table
 
     def num_rows(self) -> int:
-        return self.table().num_rows if self.rd.path(*DATA_FILE).exists() else 0
+        return self.table().num_rows if self.rd.data_file(DATA_FILE).exists() else 0
 
     # ------------------------------------------------------------------ requests
 
@@ -275,10 +275,7 @@ class Validation:
         os.replace(tmp, path)
 
         if not self._metrics_has(version):
-            with open(self.rd.path("metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_metrics(self.rd, metrics)
         atomic_write_json(self._result_path(version), {
             **metrics, "samples": n, "correct": sum(correct),
             "truncated": sum(r["finish_reason"] == "length" for r in rows),
@@ -295,16 +292,7 @@ class Validation:
         """metrics.jsonl already holds this collection's row of `version` (a restart after the
         row was appended but before result.json was written). Rows of superseded collections
         (invalidate_after) do not count."""
-        path = self.rd.path("metrics.jsonl")
-        if not path.exists():
-            return False
-        rows = 0
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows += row.get("step") == version and ACCURACY in row
+        rows = sum(row.get("step") == version and ACCURACY in row for row in read_metrics(self.rd))
         superseded = len(list(self.vrd.step_dir(version).glob("result.json.superseded-*")))
         return rows > superseded
 
@@ -332,12 +320,8 @@ class Validation:
 
     def break_claims(self, job_id: str) -> int:
         """Release a dead job's validation claims (as the coordinator does for training shards)."""
-        n = 0
-        steps = self.vrd.path("steps")
-        for d in sorted(steps.iterdir()) if steps.is_dir() else []:
-            if d.name.isdigit():
-                n += len(StageQueue(self.vrd, int(d.name), "rollouts").break_claims(job_id))
-        return n
+        return sum(len(StageQueue(self.vrd, v, "rollouts").break_claims(job_id))
+                   for v in step_numbers(self.vrd))
 
     def invalidate_after(self, ckpt: int) -> List[int]:
         """Training restarts from checkpoint `ckpt`, so weights after it are redone: set aside
@@ -345,11 +329,9 @@ class Validation:
         are requested again when their step is trained again. Rows already in metrics.jsonl
         stay (a later row for the same step supersedes them)."""
         redone = []
-        steps = self.vrd.path("steps")
-        for d in sorted(steps.iterdir()) if steps.is_dir() else []:
-            if not d.name.isdigit() or int(d.name) <= ckpt:
+        for v in step_numbers(self.vrd):
+            if v <= ckpt:
                 continue
-            v = int(d.name)
             q = StageQueue(self.vrd, v, "rollouts")
             for k in list(q.committed()):
                 q.quarantine(k, f"redo: training resumed from checkpoint {ckpt}")

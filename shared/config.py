@@ -13,14 +13,53 @@ it on login nodes.
 Keys the runbook's configs carry that Sluice has no use for are listed in `REFUSED_KEYS` with
 the reason; they fail at load time with that reason instead of being silently ignored. Keys
 accepted only so that those configs load are listed in `COMPATIBILITY_ONLY`.
+
+A key with a fixed set of values is annotated `Annotated[str, <Literal alias>]`, the alias
+defined below: the one list of its values. `shared.config_check.validate` checks the key against
+`typing.get_args(alias)` before anything is submitted; workers only assert. (OmegaConf 2.3
+refuses `Literal` field types, and an Enum would change the values the code reads and the
+error a bad value gives; `typing.get_type_hints` drops the `Annotated` part, so OmegaConf
+sees `str`.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
 from omegaconf import II, MISSING
+
+# The allowed values of each fixed-choice key (see the module docstring).
+Precision = Literal["bfloat16", "float16", "float32"]
+"""policy.precision, teacher.precision, policy.generation.vllm_cfg.precision."""
+KLType = Literal["forward", "reverse", "mixed"]
+"""loss_fn.kl_type."""
+GenerationBackend = Literal["vllm"]
+"""policy.generation.backend."""
+OptimizerName = Literal["torch.optim.AdamW", "AdamW"]
+"""policy.optimizer.name."""
+EnvName = Literal["math"]
+"""data.default.env_name."""
+ModelSaveFormat = Literal["safetensors"]
+"""checkpointing.model_save_format."""
+WandbMode = Literal["online", "offline", "disabled", "shared", "dryrun", "run"]
+"""logger.wandb.mode (or null): the modes wandb.init accepts."""
+MemoryCheck = Literal["refuse", "warn", "off"]
+"""cluster.memory_check."""
+ExecutorKind = Literal["auto", "slurm", "local"]
+"""launch.executor."""
+Compression = Literal["zstd"]
+"""queue.compression (or null)."""
+# distillation.context_distillation.* (V1); checked only when context distillation is enabled.
+ContextMode = Literal["self_frozen"]
+ProblemSource = Literal["original_user_problem"]
+Alignment = Literal["response_token_index"]
+OverflowPolicy = Literal["truncate_prefix_only"]
+FrozenTeacherSource = Literal["base_model"]
+TraceSource = Literal["dynamic", "static_dataset"]
+TraceType = Literal["think_tag"]
+TraceSelection = Literal["first"]
+MissingTracePolicy = Literal["empty", "drop_sample"]
 
 
 @dataclass
@@ -74,7 +113,7 @@ class SequencePackingConfig(BatchingConfig):
 
 @dataclass
 class OptimizerConfig:
-    name: str = "torch.optim.AdamW"
+    name: Annotated[str, OptimizerName] = "torch.optim.AdamW"
     """Optimizer class. Sluice supports torch.optim.AdamW."""
     kwargs: Dict[str, Any] = field(
         default_factory=lambda: {
@@ -121,7 +160,7 @@ class ColocatedConfig:
 class VllmConfig:
     async_engine: bool = False
     """Accepted for compatibility; Sluice's generation worker uses the synchronous LLM engine."""
-    precision: str = II("...precision")
+    precision: Annotated[str, Precision] = II("...precision")
     """Weight dtype of the engine (bfloat16, float16, float32)."""
     kv_cache_dtype: str = "auto"
     """vLLM kv_cache_dtype."""
@@ -149,7 +188,7 @@ class VllmConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "vllm"
+    backend: Annotated[str, GenerationBackend] = "vllm"
     """Must be vllm."""
     max_new_tokens: int = II("..max_total_sequence_length")
     """Most tokens sampled per answer."""
@@ -186,7 +225,7 @@ class PolicyConfig:
     """Sequences per teacher forward (when dynamic batching is off)."""
     max_total_sequence_length: int = 8192
     """Longest prompt + response; teacher: longest teacher prompt + response."""
-    precision: str = "bfloat16"
+    precision: Annotated[str, Precision] = "bfloat16"
     """Compute dtype on GPU: bfloat16, float16 or float32 (CPU runs always use float32)."""
     logprob_chunk_size: Optional[int] = None
     """Positions per chunk when computing full-vocabulary log-softmax and top-k (null: 1024)."""
@@ -211,11 +250,11 @@ class PolicyConfig:
 
 @dataclass
 class TraceExtractorConfig:
-    type: str = "think_tag"
+    type: Annotated[str, TraceType] = "think_tag"
     """Only think_tag: the trace is a <think>...</think> span."""
-    selection: str = "first"
+    selection: Annotated[str, TraceSelection] = "first"
     """Only first: the first span."""
-    missing_trace_policy: str = "empty"
+    missing_trace_policy: Annotated[str, MissingTracePolicy] = "empty"
     """empty: the trace is ''; drop_sample: the sample gets no loss."""
 
 
@@ -236,22 +275,22 @@ class ContextDistillationConfig:
     enabled: bool = False
     """Turn on context/self-distillation: the teacher is a frozen copy of the student that sees
     a privileged prefix."""
-    mode: str = "self_frozen"
+    mode: Annotated[str, ContextMode] = "self_frozen"
     """Only self_frozen (V1)."""
-    problem_source: str = "original_user_problem"
+    problem_source: Annotated[str, ProblemSource] = "original_user_problem"
     """Only original_user_problem (V1): {problem} is the dataset's raw problem text."""
     teacher_prefix_template: str = (
         "You are given a problem and a trace: {problem} + {trace}. Solve it on your own."
     )
     """The teacher's single user message; must contain {problem} and {trace}."""
-    alignment: str = "response_token_index"
+    alignment: Annotated[str, Alignment] = "response_token_index"
     """Only response_token_index (V1)."""
-    overflow_policy: str = "truncate_prefix_only"
+    overflow_policy: Annotated[str, OverflowPolicy] = "truncate_prefix_only"
     """Only truncate_prefix_only: shorten the trace from its end when the teacher sequence is
     too long."""
-    frozen_teacher_source: str = "base_model"
+    frozen_teacher_source: Annotated[str, FrozenTeacherSource] = "base_model"
     """Only base_model: the teacher is the student's initial weights."""
-    trace_source: str = "dynamic"
+    trace_source: Annotated[str, TraceSource] = "dynamic"
     """dynamic: the student's own response; static_dataset: a dataset column."""
     static_trace: StaticTraceConfig = field(default_factory=StaticTraceConfig)
     """Where a static trace comes from."""
@@ -326,7 +365,7 @@ class DistillationConfig:
 
 @dataclass
 class LossConfig:
-    kl_type: str = "mixed"
+    kl_type: Annotated[str, KLType] = "mixed"
     """forward, reverse or mixed."""
     mixed_kl_weight: float = 0.5
     """Weight of the forward KL when kl_type=mixed."""
@@ -355,7 +394,7 @@ class CheckpointingConfig:
     and the last step. Set N to also keep every N-th step's weights; null: no others."""
     checkpoint_must_save_by: Optional[str] = None
     """Not supported: Sluice handles Slurm's pre-timeout signal instead; must be null."""
-    model_save_format: str = "safetensors"
+    model_save_format: Annotated[str, ModelSaveFormat] = "safetensors"
     """Only safetensors."""
     save_consolidated: bool = False
     """At the end of the run, publish the final student in Hugging Face format (safetensors in
@@ -403,7 +442,7 @@ class DataDefaults:
     """Student prompt wrapper with one {} where the problem goes (null: the raw problem)."""
     system_prompt_file: Optional[str] = None
     """System prompt text file (null: no system message)."""
-    env_name: str = "math"
+    env_name: Annotated[str, EnvName] = "math"
     """Only math."""
     processor: str = "math_hf_data_processor"
     """Accepted for compatibility: Sluice has one math processor."""
@@ -432,8 +471,8 @@ class WandbConfig:
     """Run name (null: the run directory's name)."""
     entity: Optional[str] = None
     """wandb entity."""
-    mode: Optional[str] = None
-    """online, offline or disabled (null: wandb's default / WANDB_MODE)."""
+    mode: Optional[Annotated[str, WandbMode]] = None
+    """online, offline, disabled or shared (null: wandb's default / WANDB_MODE)."""
 
 
 @dataclass
@@ -534,7 +573,7 @@ class ClusterConfig:
     gpu_memory_gb: float = 80.0
     """Memory of one GPU in GB (2^30 bytes). Each role's estimated peak per GPU is checked
     against it before anything is submitted (shared/memory.py; launch.dry_run prints it)."""
-    memory_check: str = "refuse"
+    memory_check: Annotated[str, MemoryCheck] = "refuse"
     """A role whose estimated peak exceeds cluster.gpu_memory_gb: refuse (exit 2 naming the
     keys that fix it), warn (launch anyway), or off (no check)."""
     reservation: Optional[str] = None
@@ -557,7 +596,7 @@ class ClusterConfig:
 
 @dataclass
 class LaunchConfig:
-    executor: str = "auto"
+    executor: Annotated[str, ExecutorKind] = "auto"
     """slurm, local, or auto (slurm when sbatch is on PATH, else local)."""
     run_dir: Optional[str] = None
     """Run directory (null: runs/<name>-<timestamp>). An existing run directory is resumed."""
@@ -590,7 +629,7 @@ class QueueConfig:
     """How often workers and the coordinator look for new shards."""
     prompts_per_shard: int = 0
     """Prompts per prompts shard (0: one shard per generation engine)."""
-    compression: Optional[str] = None
+    compression: Optional[Annotated[str, Compression]] = None
     """Compression of the shards workers write: null (default: fastest, a scored shard costs
     6 B per top-k entry) or zstd (whole scored file ~4.6 B per entry at k=64, at about half
     the commit speed on a 2-core node; for filesystems slower than the CPUs). Readers read

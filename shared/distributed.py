@@ -30,16 +30,22 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, get_args
 
 import torch
 import torch.distributed as dist
+
+from shared.config import Precision
 
 # Collectives wait this long: a rank may be busy for minutes (a checkpoint save on a slow
 # filesystem, the first CUDA kernel compilations) while the others wait in a collective.
 PG_TIMEOUT = datetime.timedelta(minutes=30)
 # Output files of an export: at most this many bytes each, as Hugging Face does.
 MAX_FILE_BYTES = 5 * 1024**3
+
+
+# The torch dtype of each config Precision ("bfloat16" -> torch.bfloat16).
+TORCH_DTYPES: Dict[str, torch.dtype] = {p: getattr(torch, p) for p in get_args(Precision)}
 
 
 @dataclass

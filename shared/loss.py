@@ -40,9 +40,11 @@ or backward.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
-KL_TYPES = ("forward", "reverse", "mixed")
+from shared.config import KLType
 
 # The runbook system's constant: P_rest is penalised as if the teacher put log-prob -100 on
 # the whole tail (loss term -log_infinitesimal * P_rest).
@@ -125,8 +127,33 @@ def distillation_loss(
         "reverse_kl_sum", "student_topk_mass_sum"; plus "tail_sum" with zero_outside_topk),
         to be summed across micro-batches and ranks and divided by the global count.
     """
-    if kl_type not in KL_TYPES:
-        raise ValueError(f"loss_fn.kl_type={kl_type!r} is not one of {KL_TYPES}")
+    # A user's loss_fn.kl_type was checked by shared.config_check.validate before submission.
+    assert kl_type in get_args(KLType), f"kl_type={kl_type!r} is not one of {get_args(KLType)}"
+    _check_inputs(student_logits, teacher_topk_ids, teacher_topk_logprobs, valid_mask,
+                  mixed_kl_weight, temperature, chunk_size)
+
+    vocab, k = student_logits.shape[-1], teacher_topk_ids.shape[-1]
+    logits = student_logits.reshape(-1, vocab)
+    ids = teacher_topk_ids.reshape(-1, k).long()
+    valid = valid_mask.reshape(-1).bool()
+    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+
+    p, neg_entropy = _student_log_probs(logits, ids, compute_dtype, temperature,
+                                        zero_outside_topk, chunk_size)
+    q = _teacher_log_probs(teacher_topk_logprobs.reshape(-1, k), valid, compute_dtype)
+    p_probs, q_probs = p.exp(), q.exp()
+    forward, reverse, tail = _kl_terms(p, q, p_probs, q_probs, neg_entropy)
+    per_token = _per_token_loss(forward, reverse, tail, kl_type, mixed_kl_weight)
+
+    zero = per_token.new_zeros(())
+    loss_sum = torch.where(valid, per_token, zero).sum()
+    loss = loss_sum / _global_count(num_valid_tokens_global, loss_sum.device, compute_dtype)
+    return loss, _metrics(valid, zero, loss_sum, forward, reverse, p_probs, tail)
+
+
+def _check_inputs(student_logits, teacher_topk_ids, teacher_topk_logprobs, valid_mask,
+                  mixed_kl_weight, temperature, chunk_size) -> None:
+    """ValueError for an out-of-range setting or tensors whose shapes disagree."""
     if not 0.0 <= mixed_kl_weight <= 1.0:
         raise ValueError(f"loss_fn.mixed_kl_weight={mixed_kl_weight} must be in [0, 1]")
     if not temperature > 0:
@@ -144,53 +171,65 @@ def distillation_loss(
             "same leading dims (slice the logits to response positions first)"
         )
 
-    vocab, k = student_logits.shape[-1], teacher_topk_ids.shape[-1]
-    logits = student_logits.reshape(-1, vocab)
-    ids = teacher_topk_ids.reshape(-1, k).long()
-    valid = valid_mask.reshape(-1).bool()
-    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
 
+def _student_log_probs(logits: torch.Tensor, ids: torch.Tensor, compute_dtype, temperature: float,
+                       zero_outside_topk: bool, chunk_size: int):
+    """(p, neg_entropy): the student's [N, k] log-probs at the teacher's ids, normalised over
+    the k entries or (zero_outside_topk) the full vocabulary; neg_entropy is the per-position
+    full-vocabulary sum s log s with zero_outside_topk, else None."""
     # Gather first, in the logits' own dtype; only [N, k] is upcast.
     z_topk = logits.gather(-1, ids).to(compute_dtype) / temperature
-    # Masked rows may hold padding garbage (-inf, nan): zero them so no nan reaches the sum or
-    # the gradient (torch.where alone would still back-propagate 0 * nan = nan).
-    t_vals = teacher_topk_logprobs.reshape(-1, k).to(compute_dtype)
-    t_vals = torch.where(valid[:, None], t_vals, 0.0).clamp_min(_TEACHER_LOGPROB_FLOOR)
-    q = torch.log_softmax(t_vals, dim=-1)
-
     if zero_outside_topk:
         lse, neg_entropy = _FullVocabStats.apply(logits, float(temperature), int(chunk_size),
                                                  compute_dtype)
-        p = z_topk - lse[:, None]
-    else:
-        p = torch.log_softmax(z_topk, dim=-1)
-    p_probs, q_probs = p.exp(), q.exp()
+        return z_topk - lse[:, None], neg_entropy
+    return torch.log_softmax(z_topk, dim=-1), None
 
+
+def _teacher_log_probs(t_vals: torch.Tensor, valid: torch.Tensor, compute_dtype) -> torch.Tensor:
+    """q: the teacher's [N, k] values renormalised over the k entries (masked rows zeroed)."""
+    # Masked rows may hold padding garbage (-inf, nan): zero them so no nan reaches the sum or
+    # the gradient (torch.where alone would still back-propagate 0 * nan = nan).
+    t_vals = t_vals.to(compute_dtype)
+    t_vals = torch.where(valid[:, None], t_vals, 0.0).clamp_min(_TEACHER_LOGPROB_FLOOR)
+    return torch.log_softmax(t_vals, dim=-1)
+
+
+def _kl_terms(p, q, p_probs, q_probs, neg_entropy):
+    """Per token: (forward KL, reverse KL, tail); tail is None without neg_entropy."""
     forward = (q_probs * (q - p)).sum(-1)
     reverse = (p_probs * (p - q)).sum(-1)
     tail = None
-    if zero_outside_topk:
+    if neg_entropy is not None:
         # H_rest by subtraction: the full-vocabulary sum minus the top-k part.
         topk_mass = p_probs.sum(-1)
         h_rest = neg_entropy - (p_probs * p).sum(-1)
         tail = h_rest - TAIL_LOG_PROB * (1.0 - topk_mass)
-    if kl_type == "forward":
-        per_token = forward
-    elif kl_type == "reverse":
-        per_token = reverse if tail is None else reverse + tail
-    else:
-        w = mixed_kl_weight
-        rev = reverse if tail is None else reverse + tail
-        per_token = w * forward + (1.0 - w) * rev
+    return forward, reverse, tail
 
-    zero = per_token.new_zeros(())
-    loss_sum = torch.where(valid, per_token, zero).sum()
+
+def _per_token_loss(forward, reverse, tail, kl_type: str, mixed_kl_weight: float) -> torch.Tensor:
+    """The per-token loss of `kl_type` (the tail, if any, joins the reverse part)."""
+    if kl_type == "forward":
+        return forward
+    rev = reverse if tail is None else reverse + tail
+    if kl_type == "reverse":
+        return rev
+    w = mixed_kl_weight
+    return w * forward + (1.0 - w) * rev
+
+
+def _global_count(num_valid_tokens_global, device, compute_dtype) -> torch.Tensor:
+    """The loss denominator: the global valid-token count as a tensor, clamped to >= 1."""
     if isinstance(num_valid_tokens_global, torch.Tensor):
-        denom = num_valid_tokens_global.to(device=loss_sum.device, dtype=compute_dtype)
+        denom = num_valid_tokens_global.to(device=device, dtype=compute_dtype)
     else:
-        denom = torch.tensor(float(num_valid_tokens_global), dtype=compute_dtype,
-                             device=loss_sum.device)
-    loss = loss_sum / denom.clamp_min(1.0)
+        denom = torch.tensor(float(num_valid_tokens_global), dtype=compute_dtype, device=device)
+    return denom.clamp_min(1.0)
+
+
+def _metrics(valid, zero, loss_sum, forward, reverse, p_probs, tail) -> dict[str, torch.Tensor]:
+    """Detached sums over this micro-batch's valid tokens (see distillation_loss)."""
 
     def vsum(x: torch.Tensor) -> torch.Tensor:
         return torch.where(valid, x, zero).sum().detach()
@@ -204,4 +243,4 @@ def distillation_loss(
     }
     if tail is not None:
         metrics["tail_sum"] = vsum(tail)
-    return loss, metrics
+    return metrics

@@ -57,17 +57,18 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, get_args
 
-from shared.config import SluiceConfig
+from shared.config import MemoryCheck, Precision, SluiceConfig
 from shared.errors import config_error
-from shared.partition import ROLES, Plan
+from shared.partition import Plan
+from shared.pipeline import PLACEMENT_ORDER as ROLES
 
 log = logging.getLogger("sluice.memory")
 
 GB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-MEMORY_CHECKS = ("refuse", "warn", "off")
+assert set(DTYPE_BYTES) == set(get_args(Precision)), "DTYPE_BYTES: one size per config Precision"
 RUNTIME_BYTES = 2 * GB
 TOPK_ENTRY_BYTES = 60  # int64 id + fp32 log-prob, and the loss's fp32 [N, k] intermediates
 TRAIN_LOSS_CHUNK = 256  # stages.train.DEFAULT_LOSS_CHUNK
@@ -506,9 +507,7 @@ def check_memory(cfg: SluiceConfig, plan: Plan) -> None:
         raise config_error("cluster.gpu_memory_gb", value=cl.gpu_memory_gb,
                            problem="must be a positive number of GB",
                            fix="set the memory of one GPU, e.g. cluster.gpu_memory_gb=80")
-    if cl.memory_check not in MEMORY_CHECKS:
-        raise config_error("cluster.memory_check", value=cl.memory_check, problem="unsupported value",
-                           fix=f"use one of: {', '.join(MEMORY_CHECKS)}")
+    assert cl.memory_check in get_args(MemoryCheck), cl.memory_check  # config_check._check_cluster
     if cl.memory_check == "off":
         return
     problems = memory_plan(cfg, plan).problems()

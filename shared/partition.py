@@ -36,10 +36,9 @@ from typing import Dict, List, Tuple
 
 from shared.config import SluiceConfig
 from shared.errors import config_error
+from shared.pipeline import PLACEMENT_ORDER as ROLES  # the order roles take nodes in
+from shared.pipeline import ROLE
 
-ROLES = ("training", "generation", "teacher")
-# Names of the roles in the log line users already grep for.
-ROLE_LABELS = {"training": "train", "generation": "inference", "teacher": "teacher"}
 
 
 @dataclass
@@ -69,7 +68,7 @@ class Plan:
 
     def summary(self) -> str:
         return ", ".join(
-            f"{ROLE_LABELS[r]}={p.num_nodes}x{p.gpus_per_node}GPUs" for r, p in self.roles.items()
+            f"{ROLE[r].label}={p.num_nodes}x{p.gpus_per_node}GPUs" for r, p in self.roles.items()
         )
 
     def to_dict(self) -> dict:
@@ -291,6 +290,18 @@ def _place(cfg: SluiceConfig, req: Dict[str, tuple]) -> Dict[str, tuple]:
 
 def plan(cfg: SluiceConfig) -> Plan:
     """Validate the layout keys and compute the plan. Raises ConfigError."""
+    _check_layout(cfg)
+    req = _requests(cfg)
+    _check_requests(cfg, req)
+    placed = _place(cfg, req)
+    roles = {r: _role_plan(cfg, r, req[r], placed[r]) for r in ROLES}
+    cl = cfg.cluster
+    return Plan(isolated=cfg.distillation.resource_isolation.enabled, num_nodes=cl.num_nodes,
+                gpus_per_node=cl.gpus_per_node, roles=roles)
+
+
+def _check_layout(cfg: SluiceConfig) -> None:
+    """The cluster size and the layout switches (isolation, colocation, resident teacher)."""
     cl = cfg.cluster
     for key, v in (("cluster.num_nodes", cl.num_nodes), ("cluster.gpus_per_node", cl.gpus_per_node)):
         if v < 1:
@@ -313,7 +324,11 @@ def plan(cfg: SluiceConfig) -> Plan:
             problem="Sluice's teacher runs in its own job and always stays loaded on its GPUs",
             fix="set distillation.resource_isolation.teacher_resident_on_gpu=true",
         )
-    req = _requests(cfg)
+
+
+def _check_requests(cfg: SluiceConfig, req: Dict[str, tuple]) -> None:
+    """Every role asks for at least one node and one GPU, and no more GPUs than a node has."""
+    cl = cfg.cluster
     for r, (n, g) in req.items():
         if n < 1 or g < 1:
             raise config_error(
@@ -327,31 +342,30 @@ def plan(cfg: SluiceConfig) -> Plan:
                 problem=f"more GPUs than a node has (cluster.gpus_per_node={cl.gpus_per_node})",
                 fix=f"use at most {cl.gpus_per_node} GPUs per node for each role",
             )
-    placed = _place(cfg, req)
 
-    per_task = {
-        "generation": ("policy.generation.vllm_cfg.tensor_parallel_size",
-                       cfg.policy.generation.vllm_cfg.tensor_parallel_size),
-        "teacher": ("teacher.dtensor_cfg.tensor_parallel_size",
-                    cfg.teacher.dtensor_cfg.tensor_parallel_size),
-    }
-    roles = {}
-    for r in ROLES:
-        n, g = req[r]
-        if r == "training":
-            tasks, gpt = 1, n * g
-        else:
-            key, tp = per_task[r]
-            if tp < 1 or g % tp:
-                raise config_error(
-                    key, value=tp,
-                    problem=f"must divide the {r} role's GPUs per node ({g}): one "
-                    f"{'vLLM engine' if r == 'generation' else 'teacher replica'} lives on one node",
-                    fix=f"choose a divisor of {g}",
-                )
-            tasks, gpt = n * g // tp, tp
-        nodes, ids = placed[r]
-        roles[r] = RolePlan(role=r, num_nodes=n, gpus_per_node=g, num_tasks=tasks,
-                            gpus_per_task=gpt, nodes=nodes, gpu_ids=ids)
-    return Plan(isolated=iso.enabled, num_nodes=cl.num_nodes, gpus_per_node=cl.gpus_per_node,
-                roles=roles)
+
+def _role_plan(cfg: SluiceConfig, r: str, request: tuple, placed: tuple) -> RolePlan:
+    """Role ``r``'s plan: its workers (one trainer; else one per engine or teacher replica,
+    whose tensor-parallel size must divide the role's GPUs per node) and its placement."""
+    n, g = request
+    if r == "training":
+        tasks, gpt = 1, n * g
+    else:
+        per_task = {
+            "generation": ("policy.generation.vllm_cfg.tensor_parallel_size",
+                           cfg.policy.generation.vllm_cfg.tensor_parallel_size),
+            "teacher": ("teacher.dtensor_cfg.tensor_parallel_size",
+                        cfg.teacher.dtensor_cfg.tensor_parallel_size),
+        }
+        key, tp = per_task[r]
+        if tp < 1 or g % tp:
+            raise config_error(
+                key, value=tp,
+                problem=f"must divide the {r} role's GPUs per node ({g}): one "
+                f"{'vLLM engine' if r == 'generation' else 'teacher replica'} lives on one node",
+                fix=f"choose a divisor of {g}",
+            )
+        tasks, gpt = n * g // tp, tp
+    nodes, ids = placed
+    return RolePlan(role=r, num_nodes=n, gpus_per_node=g, num_tasks=tasks,
+                    gpus_per_task=gpt, nodes=nodes, gpu_ids=ids)

@@ -1,6 +1,7 @@
 """The filesystem queue: shards, commit records, claims and quarantine under RUN_DIR/steps.
 
-    from shared.queue import RunDir, StageQueue
+    from shared.queue import StageQueue
+    from shared.rundir import RunDir
     q = StageQueue(RunDir("runs/x"), step=7, stage="rollouts")
     q.expect(8)                                  # coordinator: the stage has 8 shards
     while not q.is_complete():                   # a worker
@@ -92,9 +93,7 @@ import ctypes
 import datetime
 import json
 import logging
-import operator
 import os
-import re
 import secrets
 import socket
 import threading
@@ -102,26 +101,26 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, get_args
 
 import pyarrow as pa
 import xxhash
 
-from shared import schemas
+from shared import jobenv, schemas
+from shared.config import Compression
 from shared.files import atomic_write_bytes, fsync_dir, json_bytes, temp_name, unlink
-from shared.schemas import check_stage
+from shared.pipeline import PRODUCER, check_stage
+from shared.rundir import (MAX_SHARDS, SHARD_RE, RunDir, check_shard_index, check_step, parse_shard_name,
+                           shard_name)
 
 log = logging.getLogger("sluice.queue")
 
-MAX_STEP = 999_999  # six digits keep steps/ lexically sorted
-MAX_SHARDS = 100_000  # five digits
 MANIFEST = "MANIFEST.json"
 EXPECTED = "EXPECTED.json"
 QUARANTINE = "quarantine"
 RECORD_SUFFIX = ".meta.json"
 CLAIM_SUFFIX = ".claim"
-COMPRESSIONS = (None, "zstd")
-_SHARD_RE = re.compile(r"shard-(\d{5})\.arrow")
+COMPRESSIONS = (None, *get_args(Compression))
 _HASH = "xxh3_128"
 
 
@@ -133,8 +132,8 @@ class CorruptShardError(Exception):
         where = f"moved to {quarantined_to}" if quarantined_to else "file already gone"
         super().__init__(
             f"{path}: corrupt shard ({reason}); {where}, and the shard is pending again. "
-            f"Running {schemas.PRODUCER[stage]} workers redo it; if none are running: "
-            f"python -m launch.resubmit RUN_DIR --stage {schemas.PRODUCER[stage]} --step {step}"
+            f"Running {PRODUCER[stage]} workers redo it; if none are running: "
+            f"python -m launch.resubmit RUN_DIR --stage {PRODUCER[stage]} --step {step}"
         )
 
 
@@ -144,45 +143,6 @@ class NotCommittedError(LookupError):
 
 class ClaimLostError(RuntimeError):
     """The claim was broken by another worker (our heartbeat was older than the lease)."""
-
-
-# ------------------------------------------------------------------------- validation
-
-
-def check_step(step: Any) -> int:
-    if isinstance(step, bool):
-        raise ValueError(f"step={step!r} must be an int in [0, {MAX_STEP}]")
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise ValueError(f"step={step!r} must be an int in [0, {MAX_STEP}]") from None
-    if not 0 <= value <= MAX_STEP:
-        raise ValueError(f"step={step!r} must be an int in [0, {MAX_STEP}]")
-    return value
-
-
-def check_shard_index(index: Any) -> int:
-    if isinstance(index, bool):
-        raise ValueError(f"shard index {index!r} must be an int in [0, {MAX_SHARDS})")
-    try:
-        value = operator.index(index)
-    except TypeError:
-        raise ValueError(f"shard index {index!r} must be an int in [0, {MAX_SHARDS})") from None
-    if not 0 <= value < MAX_SHARDS:
-        raise ValueError(f"shard index {index!r} must be an int in [0, {MAX_SHARDS})")
-    return value
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{check_shard_index(index):05d}.arrow"
-
-
-def parse_shard_name(name: str) -> int:
-    """The index of ``shard-XXXXX.arrow``; anything else (paths, ``..``) raises ValueError."""
-    m = _SHARD_RE.fullmatch(name) if isinstance(name, str) else None
-    if m is None:
-        raise ValueError(f"{name!r} is not a shard file name (expected shard-XXXXX.arrow, 5 digits)")
-    return int(m.group(1))
 
 
 # ------------------------------------------------------------------- manifest
@@ -297,43 +257,6 @@ def _checksum(data) -> str:
 # ------------------------------------------------------------------------- run dir
 
 
-class RunDir:
-    """A run directory; every path handed out is checked to lie inside it."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.root = Path(os.path.realpath(path))
-
-    def __repr__(self) -> str:
-        return f"RunDir({str(self.root)!r})"
-
-    def path(self, *parts: str | os.PathLike) -> Path:
-        """``root/parts...`` after refusing absolute parts, ``..`` and symlinks escaping root."""
-        for part in parts:
-            p = Path(part)
-            if p.is_absolute() or ".." in p.parts:
-                raise ValueError(f"path part {str(part)!r} must be relative to {self.root} without '..'")
-        candidate = self.root.joinpath(*parts)
-        resolved = Path(os.path.realpath(candidate))
-        if os.path.commonpath([resolved, self.root]) != str(self.root):
-            raise ValueError(
-                f"{candidate} resolves to {resolved}, outside the run directory {self.root}; "
-                "remove the symlink that points out of it"
-            )
-        return candidate
-
-    def step_dir(self, step: int) -> Path:
-        return self.path("steps", f"{check_step(step):06d}")
-
-    def stage_dir(self, step: int, stage: str) -> Path:
-        return self.path("steps", f"{check_step(step):06d}", check_stage(stage))
-
-    def shard_path(self, step: int, stage: str, index: int) -> Path:
-        return self.path("steps", f"{check_step(step):06d}", check_stage(stage), shard_name(index))
-
-    def stage(self, step: int, stage: str, **kwargs) -> "StageQueue":
-        return StageQueue(self, step, stage, **kwargs)
-
-
 # -------------------------------------------------------------------------- claims
 
 
@@ -348,15 +271,9 @@ class Owner:
 
     @classmethod
     def from_env(cls) -> "Owner":
-        env = os.environ
-        # SLUICE_JOB_ID is the job id as submitit and the coordinator know it ("123_4" for an
-        # array task; a pid for the local executor), so the coordinator can find a dead job's claims.
-        return cls(
-            job_id=env.get("SLUICE_JOB_ID") or env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID"),
-            task_id=env.get("SLUICE_TASK_ID") or env.get("SLURM_ARRAY_TASK_ID") or env.get("SLURM_PROCID"),
-            host=socket.gethostname(),
-            pid=os.getpid(),
-        )
+        # The job id as the coordinator knows it, so it can find a dead job's claims.
+        return cls(job_id=jobenv.job_id(), task_id=jobenv.task_id(), host=socket.gethostname(),
+                   pid=os.getpid())
 
 
 @dataclass
@@ -793,7 +710,7 @@ class StageQueue:
         except FileNotFoundError:
             return broken
         for name in sorted(entries):
-            if not _SHARD_RE.fullmatch(name[: -len(CLAIM_SUFFIX)]):
+            if not SHARD_RE.fullmatch(name[: -len(CLAIM_SUFFIX)]):
                 continue
             seen = _look(self.dir / name)
             if seen is not None and seen.info and str(seen.info.get("job_id")) == str(job_id):
@@ -836,32 +753,56 @@ class StageQueue:
         tmp = temp_name(final)
         options = pa.ipc.IpcWriteOptions(compression=self.compression)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            try:
-                sink = _ShardSink(fd)
-                with pa.PythonFile(sink, mode="w") as f, pa.ipc.new_file(f, table.schema, options=options) as w:
-                    w.write_table(table)
-                os.fsync(fd)
-                size, checksum = sink.size, sink.checksum()
-                if os.fstat(fd).st_size != size:
-                    raise OSError(f"{tmp}: {os.fstat(fd).st_size} bytes on disk after writing {size}")
-            finally:
-                os.close(fd)
-            if claim is not None and not claim.held():
-                raise ClaimLostError(
-                    f"{claim.path}: claim lost before commit (heartbeat older than lease "
-                    f"{claim.lease_s}s); another worker redoes {final}. Heartbeat more often "
-                    "(Claim.start_heartbeat) or raise queue.lease_s"
-                )
+            size, checksum = self._write_temp(tmp, table, options)
+            self._check_still_held(claim, final)
             unlink(self._record_path(index))
             os.replace(tmp, final)
         except BaseException:
             unlink(tmp)
             raise
-        record = {
+        record = self._new_record(index, table.num_rows, size, checksum, extra, claim, owner)
+        # One directory fsync for both renames. If a crash persisted the record's rename but
+        # not the data's, the checksum no longer matches and the shard is quarantined and
+        # redone: integrity never depends on rename ordering, only durability does.
+        atomic_write_bytes(self._record_path(index), json_bytes(record), sync_dir=False)
+        fsync_dir(self.dir)
+        self._refresh_manifest()
+        return record
+
+    @staticmethod
+    def _write_temp(tmp: Path, table: pa.Table, options: pa.ipc.IpcWriteOptions) -> tuple[int, str]:
+        """Commit step 1: serialize ``table`` into the new file ``tmp`` and fsync it; returns
+        (size in bytes, checksum)."""
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            sink = _ShardSink(fd)
+            with pa.PythonFile(sink, mode="w") as f, pa.ipc.new_file(f, table.schema, options=options) as w:
+                w.write_table(table)
+            os.fsync(fd)
+            size, checksum = sink.size, sink.checksum()
+            if os.fstat(fd).st_size != size:
+                raise OSError(f"{tmp}: {os.fstat(fd).st_size} bytes on disk after writing {size}")
+        finally:
+            os.close(fd)
+        return size, checksum
+
+    @staticmethod
+    def _check_still_held(claim: Claim | None, final: Path) -> None:
+        """ClaimLostError if ``claim`` was broken while the shard was being written."""
+        if claim is not None and not claim.held():
+            raise ClaimLostError(
+                f"{claim.path}: claim lost before commit (heartbeat older than lease "
+                f"{claim.lease_s}s); another worker redoes {final}. Heartbeat more often "
+                "(Claim.start_heartbeat) or raise queue.lease_s"
+            )
+
+    def _new_record(self, index: int, rows: int, size: int, checksum: str, extra: dict,
+                    claim: Claim | None, owner: Owner | None) -> dict:
+        """The commit record of a shard just written (format: the module docstring)."""
+        return {
             "format": "sluice.shard-record/1",
             "index": index,
-            "rows": table.num_rows,
+            "rows": rows,
             "bytes": size,
             "checksum": checksum,
             "schema_version": schemas.SCHEMA_VERSION,
@@ -874,13 +815,6 @@ class StageQueue:
             "claimed_at": claim._info["claimed_at"] if claim is not None else None,
             "extra": extra,
         }
-        # One directory fsync for both renames. If a crash persisted the record's rename but
-        # not the data's, the checksum no longer matches and the shard is quarantined and
-        # redone: integrity never depends on rename ordering, only durability does.
-        atomic_write_bytes(self._record_path(index), json_bytes(record), sync_dir=False)
-        fsync_dir(self.dir)
-        self._refresh_manifest()
-        return record
 
     def _check(self, index: int, record: dict) -> tuple[pa.Table | None, str | None]:
         """(table, None) if the file matches ``record``, else (None, reason)."""
@@ -976,26 +910,42 @@ class StageQueue:
             report.pending = list(range(report.expected or 0))
             return report
         now = time.time()
+        self._verify_committed(self._scan(), deep, report)
         records = self._scan()
+        report.committed = sorted(records)
+        if report.expected is not None:
+            report.pending = [i for i in range(report.expected) if i not in records]
+        self._find_leftovers(records, now, repair, report)
+        report.manifest_rewritten = self._refresh_manifest()
+        return report
+
+    def _verify_committed(self, records: dict[int, dict], deep: bool, report: VerifyReport) -> None:
+        """Quarantine each shard that does not match its record (unless recommitted meanwhile),
+        adding it to ``report.corrupt``."""
         for index, record in sorted(records.items()):
             path = self.shard_path(index)
             if deep:
                 _, reason = self._check(index, record)
             else:
-                try:
-                    size = path.stat().st_size
-                    reason = None if size == record.get("bytes") else f"size {size}, record says {record.get('bytes')}"
-                except FileNotFoundError:
-                    reason = "file missing"
+                reason = self._check_size(path, record)
             if reason is not None and self.record(index) == record:
                 dest = self._quarantine(index, reason, record)
                 report.corrupt.append({"index": index, "path": str(path), "reason": reason,
                                        "quarantined_to": str(dest) if dest else None})
-        records = self._scan()
-        report.committed = sorted(records)
-        if report.expected is not None:
-            report.pending = [i for i in range(report.expected) if i not in records]
 
+    @staticmethod
+    def _check_size(path: Path, record: dict) -> str | None:
+        """None if the file has the record's size, else why not (the shallow check)."""
+        try:
+            size = path.stat().st_size
+            return None if size == record.get("bytes") else f"size {size}, record says {record.get('bytes')}"
+        except FileNotFoundError:
+            return "file missing"
+
+    def _find_leftovers(self, records: dict[int, dict], now: float, repair: bool,
+                        report: VerifyReport) -> None:
+        """Report (and with ``repair`` clean up) what no commit accounts for: unrecorded shard
+        files, stale claims, and other files older than the lease."""
         known = {MANIFEST, EXPECTED, QUARANTINE} | {shard_name(i) + RECORD_SUFFIX for i in records}
         for e in os.scandir(self.dir):
             name = e.name
@@ -1005,34 +955,42 @@ class StageQueue:
                 age = now - e.stat().st_mtime
             except FileNotFoundError:
                 continue
-            if _SHARD_RE.fullmatch(name):
+            if SHARD_RE.fullmatch(name):
                 if parse_shard_name(name) not in records and age > self.lease_s:
                     action = "quarantined" if repair else "none"
                     if repair:
                         self._quarantine(parse_shard_name(name), "shard file without a commit record", None)
                     report.orphaned.append({"path": e.path, "kind": "unrecorded shard", "action": action})
-            elif name.endswith(CLAIM_SUFFIX) and _SHARD_RE.fullmatch(name[: -len(CLAIM_SUFFIX)]):
-                index = parse_shard_name(name[: -len(CLAIM_SUFFIX)])
-                seen = _look(Path(e.path))
-                if seen is None:
-                    continue
-                claim_age = now - seen.heartbeat
-                if claim_age > self.lease_s:
-                    action = "broken" if repair and _displace(Path(e.path), seen) else "none"
-                    report.stale_claims.append({"index": index, "path": e.path, "age_s": round(claim_age, 3),
-                                                "holder": seen.info, "committed": index in records,
-                                                "action": action})
+            elif name.endswith(CLAIM_SUFFIX) and SHARD_RE.fullmatch(name[: -len(CLAIM_SUFFIX)]):
+                self._check_claim_file(e, records, now, repair, report)
             elif age > self.lease_s:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    kind = "temp file (a writer died mid-write)"
-                elif ".claim.broken." in name:
-                    kind = "claim set aside by a breaker that died"
-                elif name.endswith(RECORD_SUFFIX):
-                    kind = "unreadable or misnamed commit record"
-                else:
-                    kind = "unexpected file"
+                kind = _leftover_kind(name)
                 deletable = not kind.startswith("unexpected") and not name.endswith(RECORD_SUFFIX)
                 action = "deleted" if repair and deletable and unlink(Path(e.path)) else "none"
                 report.orphaned.append({"path": e.path, "kind": kind, "action": action})
-        report.manifest_rewritten = self._refresh_manifest()
-        return report
+
+    def _check_claim_file(self, e: os.DirEntry, records: dict[int, dict], now: float, repair: bool,
+                          report: VerifyReport) -> None:
+        """Add the claim file ``e`` to ``report.stale_claims`` if its heartbeat is older than
+        the lease (``repair``: and break it)."""
+        index = parse_shard_name(e.name[: -len(CLAIM_SUFFIX)])
+        seen = _look(Path(e.path))
+        if seen is None:
+            return
+        claim_age = now - seen.heartbeat
+        if claim_age > self.lease_s:
+            action = "broken" if repair and _displace(Path(e.path), seen) else "none"
+            report.stale_claims.append({"index": index, "path": e.path, "age_s": round(claim_age, 3),
+                                        "holder": seen.info, "committed": index in records,
+                                        "action": action})
+
+
+def _leftover_kind(name: str) -> str:
+    """What a stray file in a stage directory is, judged by its name."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        return "temp file (a writer died mid-write)"
+    if ".claim.broken." in name:
+        return "claim set aside by a breaker that died"
+    if name.endswith(RECORD_SUFFIX):
+        return "unreadable or misnamed commit record"
+    return "unexpected file"

@@ -69,11 +69,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shared.pipeline import PRODUCER, check_stage
+
 if TYPE_CHECKING:
     import torch
 
 SCHEMA_VERSION = 1
-STAGES = ("prompts", "rollouts", "scored")
 LOGPROB_FLOOR = -1.0e4
 
 # The floor's float16 magnitude bits: a float16 x has |x| > |floor| (or is inf/NaN) exactly
@@ -84,9 +85,6 @@ META_VERSION = b"sluice.schema_version"
 META_STAGE = b"sluice.stage"
 META_TOPK_K = b"sluice.topk_k"
 META_FLOOR = b"sluice.logprob_floor"
-
-# Which role writes each stage, for error messages that tell a person what to rerun.
-PRODUCER = {"prompts": "coordinator", "rollouts": "generation", "scored": "teacher"}
 
 
 class SchemaError(ValueError):
@@ -139,12 +137,6 @@ def _scored_fields(k: int) -> list[pa.Field]:
         _field("trace_found", pa.bool_(), False),
         _field("prefix_truncated", pa.bool_(), False),
     ]
-
-
-def check_stage(stage: str) -> str:
-    if stage not in STAGES:
-        raise ValueError(f"stage={stage!r} is not a shard stage; valid stages: {', '.join(STAGES)}")
-    return stage
 
 
 def _check_k(topk_k: Any) -> int:

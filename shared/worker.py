@@ -1,5 +1,6 @@
 """Plumbing every role's worker shares: the frozen run config, who and where the worker is,
-the stop signal, and atomic directory commits for weights and checkpoints.
+its heartbeat record, the stop signal, its failure report and test fault points. Paths and
+committed directories are shared.rundir's.
 
 Files this module reads and writes in RUN_DIR:
 
@@ -12,33 +13,32 @@ Files this module reads and writes in RUN_DIR:
                                          checks placement and liveness from these. status:
                                          starting, loading, waiting, working states, then
                                          exited / done / stopped / failed (or "lost", set by
-                                         the coordinator when the job died)
-    weights/<step:06d>/                  student weights after training step <step> (HF format);
-                                         committed by renaming a finished temp dir, and holding
-                                         COMMITTED.json (written last inside the temp dir)
+                                         the coordinator when the job died). A failed worker's
+                                         detail is one line (Worker.fail): the exception, where
+                                         it was raised, and the log holding the traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import threading
 import time
-import uuid
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 from omegaconf import OmegaConf
 
+from shared import jobenv
 from shared.config import SluiceConfig, register
-from shared.files import atomic_write_json, fsync_dir
-from shared.queue import Owner, RunDir
+from shared.files import atomic_write_json
+from shared.queue import Owner
+from shared.rundir import RunDir
 
-COMMITTED = "COMMITTED.json"
 # A worker record with one of these statuses is of a worker that is gone.
 FINAL_STATUSES = ("exited", "done", "stopped", "failed", "lost")
 log = logging.getLogger("sluice.worker")
@@ -48,7 +48,7 @@ def load_run_config(run_dir) -> SluiceConfig:
     """The run's frozen config, typed against the schema."""
     register()
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    path = rd.path("config.yaml")
+    path = rd.config_file
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: {rd.root} is not a Sluice run directory "
                                 "(start one with python -m launch.run conf=NAME)")
@@ -87,7 +87,7 @@ class Worker:
         self.owner = Owner.from_env()
         job = self.owner.job_id or "local"
         task = self.owner.task_id or "0"
-        self.record_path = self.rd.path("workers", role, f"{job}_{task}_{self.owner.pid}.json")
+        self.record_path = self.rd.worker_record(role, job, task, self.owner.pid)
         self.beat_every_s = beat_every_s
         self._last_beat = 0.0
         self._lock = threading.Lock()
@@ -151,8 +151,19 @@ class Worker:
     def should_stop(self) -> bool:
         if self.stop_signal is not None:
             return True
-        # A one-shot task (launch.resubmit --step N sets SLUICE_ONE_SHOT_STEP) redoes its step even on a finished run.
-        return self.rd.path("coordinator", "STOP").exists() and not os.environ.get("SLUICE_ONE_SHOT_STEP")
+        # A one-shot task (launch.resubmit --step N) redoes its step even on a finished run.
+        return self.rd.stop_file.exists() and not jobenv.one_shot()
+
+    def fail(self, exc: BaseException) -> None:
+        """The worker's failure report, one form for every role: the exception, where it was
+        raised and where its full traceback is (the job's log). launch.inspect shows it."""
+        summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        if len(summary) > 1500:
+            summary = summary[:1500] + " ..."
+        frames = traceback.extract_tb(exc.__traceback__)
+        at = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+        logs = self.rd.log_dir(os.environ.get(jobenv.JOB_KEY) or self.role)
+        self.beat("failed", detail=f"{summary}{at}; full traceback in {logs}/", force=True)
 
     def finish(self, status: str = "exited") -> None:
         """The worker's last word: `status` (exited, done, stopped), then no more heartbeats."""
@@ -163,104 +174,22 @@ class Worker:
         self._beats_done.set()
 
 
-def active_steps(rd: RunDir, stage: str):
-    """Steps whose `stage` directory has been declared (EXPECTED.json exists), ascending."""
-    steps_dir = rd.path("steps")
-    if not steps_dir.is_dir():
-        return []
-    out = []
-    for d in sorted(steps_dir.iterdir()):
-        if d.name.isdigit() and (d / stage / "EXPECTED.json").is_file():
-            out.append(int(d.name))
-    return out
-
-
-# ------------------------------------------------------------------ atomic directories
-
-
-def commit_dir(tmp: Path, final: Path, meta: dict) -> None:
-    """Publish a fully written directory: write COMMITTED.json into it, then rename it onto
-    `final`. A reader that sees `final/COMMITTED.json` sees a complete directory; a writer
-    killed before the rename leaves only a temp dir (cleaned by the next writer)."""
-    # commit_id tells apart two commits of the same step (a step redone after a resume).
-    atomic_write_json(tmp / COMMITTED, {**meta, "commit_id": uuid.uuid4().hex,
-                                        "committed_at": time.time()})
-    fsync_dir(tmp)
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(final.parent)
-
-
-def temp_dir_for(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".tmp-{final.name}-*"):
-        # A previous writer of this same directory died; its leftovers are garbage.
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    return tmp
-
-
-def is_committed_dir(path: Path) -> bool:
-    return (path / COMMITTED).is_file()
-
-
-# The validation queue's root inside RUN_DIR: launch/validation.py writes its prompts, the
-# generation workers answer them.
-VALIDATION_DIR = "validation"
-
-
-def validation_run_dir(rd: RunDir) -> RunDir:
-    """The RunDir of the validation queue: RUN_DIR/validation/steps/<version>/<stage>/."""
-    return RunDir(rd.path(VALIDATION_DIR))
-
-
-def committed_steps(rd: RunDir, folder: str) -> list:
-    """The steps committed under RUN_DIR/<folder> ("checkpoints", "weights"), ascending."""
-    root = rd.path(folder)
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and is_committed_dir(p))
-
-
-def weights_path(rd: RunDir, step: int) -> Path:
-    return rd.path("weights", f"{step:06d}")
-
-
-def latest_weights(rd: RunDir, at_most: Optional[int] = None) -> Tuple[int, Optional[Path]]:
-    """(step, path) of the newest committed student weights with step <= at_most, or (-1, None)."""
-    wdir = rd.path("weights")
-    best: Tuple[int, Optional[Path]] = (-1, None)
-    if not wdir.is_dir():
-        return best
-    for d in wdir.iterdir():
-        if d.name.isdigit() and is_committed_dir(d):
-            s = int(d.name)
-            if (at_most is None or s <= at_most) and s > best[0]:
-                best = (s, d)
-    return best
-
-
 def fault_point(name: str, step: int) -> None:
     """Fault injection for tests: SLUICE_FAULTS="checkpoint_save:2" SIGKILLs this process when
     it reaches the point `checkpoint_save` at step 2 (a real kill at an exact place, e.g. after
     a checkpoint's data is written and before it is committed); "optimizer_batch:2:sleep=30"
-    makes it sleep 30 s there instead (a worker busy in one long call). When SLUICE_FAULTS_DIR
+    makes it sleep 30 s there instead (a worker busy in one long call), and
+    "optimizer_batch:2:raise" raises RuntimeError there (a bug in the worker). When SLUICE_FAULTS_DIR
     names a directory, each fault happens only the first time in a run (a restarted worker
     passes the point). Unset in production."""
-    spec = os.environ.get("SLUICE_FAULTS")
+    spec = os.environ.get(jobenv.FAULTS)
     if not spec:
         return
     for item in spec.split(","):
         parts = item.split(":")
         if parts[:2] != [name, str(step)]:
             continue
-        once = os.environ.get("SLUICE_FAULTS_DIR")
+        once = os.environ.get(jobenv.FAULTS_DIR)
         if once:
             try:
                 os.close(os.open(Path(once, f"{name}-{step}"), os.O_CREAT | os.O_EXCL))
@@ -268,5 +197,7 @@ def fault_point(name: str, step: int) -> None:
                 continue
         if len(parts) == 3 and parts[2].startswith("sleep="):
             time.sleep(float(parts[2][len("sleep="):]))
+        elif len(parts) == 3 and parts[2] == "raise":
+            raise RuntimeError(f"injected fault {name}:{step}")
         else:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -60,7 +60,6 @@ import hashlib
 import logging
 import os
 import time
-import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple
@@ -68,12 +67,12 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import pyarrow as pa
 
 from shared.config import SluiceConfig
-from shared.models import ensure_model
-from shared.queue import ClaimLostError, CorruptShardError, RunDir, StageQueue
-from shared.schemas import build_table
 from shared.files import read_json
-from shared.worker import (COMMITTED, StopRequested, Worker, active_steps, fault_point,
-                           is_committed_dir, latest_weights, validation_run_dir, weights_path)
+from shared.models import ensure_model
+from shared.queue import ClaimLostError, CorruptShardError, StageQueue
+from shared.rundir import COMMITTED, RunDir, active_steps, is_committed_dir, latest_weights
+from shared.schemas import build_table
+from shared.worker import StopRequested, Worker, fault_point
 
 log = logging.getLogger("sluice.generate")
 
@@ -330,7 +329,7 @@ class _GenerationWorker:
         self.cfg = worker.cfg
         self.loaded: tuple = (0, None)  # (version, commit time of its weights dir)
         self.committed = 0
-        self.vrd = validation_run_dir(rd)
+        self.vrd = rd.validation
         self.complete_validations: dict[int, float] = {}
         # step -> when it was seen complete. Rechecked only every lease_s: a long run has many
         # steps, but a reader may still quarantine a committed shard, making it pending again.
@@ -401,7 +400,7 @@ class _GenerationWorker:
             if not pending:
                 self.complete_validations[v] = time.monotonic()
                 continue
-            path = None if v == 0 else weights_path(self.rd, v)
+            path = None if v == 0 else self.rd.weights_dir(v)
             if path is not None and not is_committed_dir(path):
                 continue  # requested before its training step ended: not yet
             prompts = StageQueue(self.vrd, v, "prompts", lease_s=q.lease_s)
@@ -509,8 +508,7 @@ def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
     except StopRequested:
         log.info("stopped on %s; claims released", worker.stop_signal)
     except BaseException as e:
-        summary = "".join(traceback.format_exception_only(type(e), e)).strip()
-        worker.beat("failed", detail=f"{summary}\n{traceback.format_exc(limit=-3)}", force=True)
+        worker.fail(e)
         raise
     worker.finish()
     return loop.committed if loop is not None else 0

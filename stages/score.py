@@ -57,7 +57,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -69,16 +68,16 @@ from torch import nn
 
 from shared import schemas
 from shared.config import SluiceConfig
-from shared.distributed import (Dist, broadcast_object, build_sharded, cuda_available, exit_now,
-                                setup_distributed)
+from shared.distributed import (TORCH_DTYPES, Dist, broadcast_object, build_sharded, cuda_available,
+                                exit_now, setup_distributed)
 from shared.models import ensure_model
-from shared.queue import ClaimLostError, CorruptShardError, Owner, RunDir, StageQueue
-from shared.worker import StopRequested, Worker, active_steps, fault_point, load_run_config
+from shared.queue import ClaimLostError, CorruptShardError, Owner, StageQueue
+from shared.rundir import RunDir, active_steps
+from shared.worker import StopRequested, Worker, fault_point, load_run_config
 
 log = logging.getLogger("sluice.score")
 
 DEFAULT_CHUNK = 1024
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # ----------------------------------------------------------------------------- the model
@@ -185,10 +184,10 @@ def _settings(cfg: SluiceConfig) -> dict:
 
 
 def compute_dtype(cfg: SluiceConfig, device: torch.device) -> torch.dtype:
-    if cfg.teacher.precision not in DTYPES:
-        raise ValueError(f"teacher.precision={cfg.teacher.precision!r}; valid: {', '.join(DTYPES)}")
+    # The user's value was checked by shared.config_check.validate before submission.
+    assert cfg.teacher.precision in TORCH_DTYPES, f"teacher.precision={cfg.teacher.precision!r}"
     # CPU runs are tests and smoke runs: float32 keeps them comparable with vLLM's CPU numerics.
-    return torch.float32 if device.type == "cpu" else DTYPES[cfg.teacher.precision]
+    return torch.float32 if device.type == "cpu" else TORCH_DTYPES[cfg.teacher.precision]
 
 
 def default_device() -> torch.device:
@@ -316,6 +315,15 @@ def score_rows(
         raise ValueError(f"keep has {len(keep)} entries for {len(response_ids)} rows")
     prompts = [_as_ids(p) for p in teacher_prompt_ids]
     responses = [_as_ids(r) for r in response_ids]
+    mask, seq_len = _select_rows(teacher, prompts, responses, keep)
+    results = _score_batches(teacher, prompts, responses, seq_len, progress)
+    return _assemble(teacher.topk, responses, mask, results)
+
+
+def _select_rows(teacher: Teacher, prompts: list[torch.Tensor], responses: list[torch.Tensor],
+                 keep: Optional[Sequence[bool]]) -> tuple[list[int], dict[int, int]]:
+    """(mask, seq_len): mask[r] is 0 for a dropped row (not kept, or too long: warned about);
+    seq_len maps each row to forward to its input length."""
     n_rows = len(responses)
     mask = [1] * n_rows
     seq_len: dict[int, int] = {}  # rows to forward -> input length (teacher sequence minus its last token)
@@ -332,7 +340,18 @@ def score_rows(
     if too_long:
         log.warning("%d of %d rows are longer than teacher.max_total_sequence_length=%d and are "
                     "dropped (sample_mask=0)", too_long, n_rows, teacher.max_seq_len)
+    return mask, seq_len
 
+
+def _score_batches(
+    teacher: Teacher,
+    prompts: list[torch.Tensor],
+    responses: list[torch.Tensor],
+    seq_len: dict[int, int],
+    progress: Optional[Callable[[int, int], None]],
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Row -> (values, ids) of its response tokens, for every row in ``seq_len``: this rank
+    forwards its share of the packed batches; sharded, the ranks' results are all-gathered."""
     batches = _pack(seq_len, teacher.mb_tokens)
     world, rank = (dist.get_world_size(), dist.get_rank()) if teacher.sharded else (1, 0)
     mine = _assign(batches, seq_len, world)
@@ -349,25 +368,7 @@ def score_rows(
             teacher.scorer(dummy, empty, empty, **kwargs)
             continue
         batch = mine[rank][i]
-        width = seq_len[batch[0]]
-        input_ids = torch.full((len(batch), width), teacher.pad_id, dtype=torch.int64)
-        rows_idx, pos_idx = [], []
-        for b, r in enumerate(batch):
-            seq = torch.cat([prompts[r], responses[r]])[:-1]
-            input_ids[b, : len(seq)] = seq
-            start = len(prompts[r]) - 1
-            rows_idx.append(torch.full((len(responses[r]),), b, dtype=torch.int64))
-            pos_idx.append(torch.arange(start, start + len(responses[r])))
-        values, ids = teacher.scorer(
-            input_ids.to(teacher.device), torch.cat(rows_idx).to(teacher.device),
-            torch.cat(pos_idx).to(teacher.device), **kwargs)
-        values, ids = values.cpu(), ids.to("cpu", torch.int32)
-        offset = 0
-        for r in batch:
-            n = len(responses[r])
-            # Clones, not views: a pickled view (all_gather_object) carries its whole batch.
-            results[r] = (values[offset:offset + n].clone(), ids[offset:offset + n].clone())
-            offset += n
+        results.update(_score_batch(teacher, batch, prompts, responses, seq_len[batch[0]], kwargs))
         done_tokens += sum(seq_len[r] for r in batch)
         if progress is not None:
             progress(done_tokens, total_tokens)
@@ -375,8 +376,40 @@ def score_rows(
         gathered: list = [None] * world
         dist.all_gather_object(gathered, results)
         results = {r: v for part in gathered for r, v in part.items()}
+    return results
 
-    k = teacher.topk
+
+def _score_batch(teacher: Teacher, batch: list[int], prompts: list[torch.Tensor],
+                 responses: list[torch.Tensor], width: int,
+                 kwargs: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """One forward of the padded rows ``batch`` (``width`` the longest input); row -> (values,
+    ids) of its response tokens, on the CPU."""
+    input_ids = torch.full((len(batch), width), teacher.pad_id, dtype=torch.int64)
+    rows_idx, pos_idx = [], []
+    for b, r in enumerate(batch):
+        seq = torch.cat([prompts[r], responses[r]])[:-1]
+        input_ids[b, : len(seq)] = seq
+        start = len(prompts[r]) - 1
+        rows_idx.append(torch.full((len(responses[r]),), b, dtype=torch.int64))
+        pos_idx.append(torch.arange(start, start + len(responses[r])))
+    values, ids = teacher.scorer(
+        input_ids.to(teacher.device), torch.cat(rows_idx).to(teacher.device),
+        torch.cat(pos_idx).to(teacher.device), **kwargs)
+    values, ids = values.cpu(), ids.to("cpu", torch.int32)
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    offset = 0
+    for r in batch:
+        n = len(responses[r])
+        # Clones, not views: a pickled view (all_gather_object) carries its whole batch.
+        out[r] = (values[offset:offset + n].clone(), ids[offset:offset + n].clone())
+        offset += n
+    return out
+
+
+def _assemble(k: int, responses: list[torch.Tensor], mask: list[int],
+              results: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Scores:
+    """The Scores of all rows, in row order (a dropped or empty row contributes no tokens)."""
+    n_rows = len(responses)
     lengths = [len(responses[r]) if mask[r] else 0 for r in range(n_rows)]
     empty_v, empty_i = torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int32)
     parts = [results.get(r, (empty_v, empty_i)) for r in range(n_rows)]
@@ -386,7 +419,6 @@ def score_rows(
         lengths=lengths,
         mask=mask,
     )
-
 
 def score_shard(
     teacher: Teacher,
@@ -565,8 +597,8 @@ def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
                 log.info("stopped on %s; claims released", worker.stop_signal)
                 worker.finish("stopped")
                 return 0
-            except BaseException:
-                worker.beat("failed", detail=traceback.format_exc(limit=8)[-2000:], force=True)
+            except BaseException as e:
+                worker.fail(e)
                 raise
         signal.signal(signal.SIGTERM, _raise_stop)
         try:

@@ -66,15 +66,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import json
 import os
 import shutil
 import signal
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_args
 
 import torch
 import torch.distributed as dist
@@ -84,24 +82,19 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from shared.distributed import (Dist, broadcast_object, build_sharded, exit_now, export_hf,
-                                setup_distributed)
+from shared.distributed import (TORCH_DTYPES, Dist, broadcast_object, build_sharded, exit_now,
+                                export_hf, setup_distributed)
 
-from shared.config import SluiceConfig
+from shared import jobenv
+from shared.config import OptimizerName, SluiceConfig
+from shared.files import atomic_write_json
 from shared.loss import distillation_loss
 from shared.models import ensure_model
-from shared.queue import CorruptShardError, NotCommittedError, RunDir, StageQueue
+from shared.queue import CorruptShardError, NotCommittedError, StageQueue
+from shared.rundir import (CHECKPOINTS, COMMITTED, RunDir, commit_dir, committed_steps,
+                           read_metrics, temp_dir_for)
 from shared.schemas import ragged_from_arrow, topk_from_arrow
-from shared.files import atomic_write_json
-from shared.worker import (
-    Worker,
-    committed_steps,
-    fault_point,
-    commit_dir,
-    load_run_config,
-    temp_dir_for,
-    weights_path,
-)
+from shared.worker import Worker, fault_point, load_run_config
 
 log = logging.getLogger("sluice.train")
 
@@ -117,7 +110,6 @@ DEFAULT_LOSS_CHUNK = 256
 # Per-optimizer-batch sums reduced over ranks (the first five come from distillation_loss).
 METRICS = ("loss_sum", "forward_kl_sum", "reverse_kl_sum", "student_topk_mass_sum", "valid_tokens",
            "tokens")
-_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
 
 
@@ -185,21 +177,19 @@ def load_student(cfg: SluiceConfig, d: Dist):
 
 def _mixed_precision(cfg: SluiceConfig, d: Dist) -> MixedPrecisionPolicy:
     precision = cfg.policy.precision
-    if precision not in _COMPUTE_DTYPES:
-        raise ValueError(f"policy.precision={precision!r}: use one of {sorted(_COMPUTE_DTYPES)}")
+    # The user's value was checked by shared.config_check.validate before submission.
+    assert precision in TORCH_DTYPES, f"policy.precision={precision!r}"
     if d.device.type != "cuda" or precision == "float32":
         return MixedPrecisionPolicy()
     if precision == "float16":
         log.warning("policy.precision=float16: training without loss scaling; bfloat16 is safer")
-    return MixedPrecisionPolicy(param_dtype=_COMPUTE_DTYPES[precision], reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[precision], reduce_dtype=torch.float32)
 
 
 def build_optimizer(cfg: SluiceConfig, model) -> torch.optim.Optimizer:
     name = cfg.policy.optimizer.name
-    cls = getattr(torch.optim, name.rsplit(".", 1)[-1], None) if name.startswith("torch.optim.") else None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ValueError(f"policy.optimizer.name={name!r} is not a torch.optim optimizer; "
-                         "use torch.optim.AdamW")
+    assert name in get_args(OptimizerName), name  # config_check._check_optimizer
+    cls = getattr(torch.optim, name.rsplit(".", 1)[-1])
     kwargs = dict(cfg.policy.optimizer.kwargs)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
@@ -584,7 +574,7 @@ class Trainer:
         """Publish weights/<step> in HF format, in the base checkpoint's dtype: every rank
         writes its own shards (shared.distributed.export_hf, no rank gathers the model),
         then rank 0 adds the base model's config and tokenizer files and commits."""
-        final = weights_path(self.rd, step)
+        final = self.rd.weights_dir(step)
         tmp = broadcast_object(str(temp_dir_for(final)) if self.d.rank == 0 else None)
         export_hf(self.model, Path(tmp), self.export_dtype, self.d)
         if self.d.rank != 0:
@@ -595,7 +585,7 @@ class Trainer:
         return final
 
     def checkpoint_dir(self, step: int) -> Path:
-        return self.rd.path("checkpoints", f"{step:06d}")
+        return self.rd.checkpoint_dir(step)
 
     def _checkpoint_first(self) -> bool:
         """Rank 0, before a step: will the job's stop (the pre-timeout signal, expected at
@@ -661,7 +651,7 @@ class Trainer:
             self.save_checkpoint()
         result["timing"]["save_s"] = time.monotonic() - t0
         if self.d.rank == 0:
-            atomic_write_json(self.rd.step_dir(step) / "train.json", result)
+            atomic_write_json(self.rd.train_record(step), result)
             log.info("step %d: loss %.5f, grad norm %.4f, lr %.3g, %d optimizer steps, "
                      "%.0f tokens/s/gpu, wait %.1fs", step, result["loss"], result["grad_norm"],
                      result["lr"] or 0.0, result["optimizer_steps"], result["tokens_per_s_per_gpu"],
@@ -674,17 +664,7 @@ def checkpoint_scores(rd: RunDir, metric_name: str) -> dict:
     'train:loss' -> train/loss) from RUN_DIR/metrics.jsonl, where the run has one."""
     prefix, _, name = metric_name.partition(":")
     key = {"val": "validation", "train": "train"}.get(prefix, prefix) + "/" + name
-    scores = {}
-    path = rd.path("metrics.jsonl")
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if key in row:
-                scores[int(row["step"])] = float(row[key])
-    return scores
+    return {int(row["step"]): float(row[key]) for row in read_metrics(rd) if key in row}
 
 
 def checkpoints_to_drop(steps: list, scores: dict, keep: int, higher_is_better: bool) -> list:
@@ -700,7 +680,7 @@ def checkpoints_to_drop(steps: list, scores: dict, keep: int, higher_is_better: 
 
 
 def committed_checkpoints(rd: RunDir) -> list[int]:
-    return committed_steps(rd, "checkpoints")
+    return committed_steps(rd, CHECKPOINTS)
 
 
 def _stored_dtype(model_dir: Path) -> torch.dtype:
@@ -720,7 +700,7 @@ def copy_model_files(base_dir: Path, out_dir: Path) -> None:
     already loads it), tokenizer files, generation_config.json, chat template: everything
     but its weights."""
     for src in Path(base_dir).iterdir():
-        if src.is_file() and not src.name.startswith(".") and src.name != "COMMITTED.json" \
+        if src.is_file() and not src.name.startswith(".") and src.name != COMMITTED \
                 and not src.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copyfile(src, out_dir / src.name)
 
@@ -731,10 +711,10 @@ def copy_model_files(base_dir: Path, out_dir: Path) -> None:
 def job_stop_time(cfg: SluiceConfig) -> Optional[float]:
     """When the job's pre-timeout signal may come (its end time, SLUICE_JOB_END_TIME, set by
     the job's task, less cluster.signal_delay_s and Slurm's slack), or None if unknown."""
-    end = os.environ.get("SLUICE_JOB_END_TIME")
-    if not end:
+    end = jobenv.job_end_time()
+    if end is None:
         return None
-    return float(end) - cfg.cluster.signal_delay_s - SIGNAL_SLACK_S
+    return end - cfg.cluster.signal_delay_s - SIGNAL_SLACK_S
 
 
 def run(run_dir, step: Optional[int] = None) -> int:
@@ -772,10 +752,7 @@ def run(run_dir, step: Optional[int] = None) -> int:
         return trainer.step
     except BaseException as e:
         if worker is not None:
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            worker.beat("failed", detail=f"{type(e).__name__}: {e} (at {where.filename}:"
-                                         f"{where.lineno}); full traceback in logs/training/",
-                        force=True)
+            worker.fail(e)
         raise
     finally:
         if dist.is_initialized():

@@ -159,32 +159,39 @@ def has_trace(text: str) -> bool:
     return _THINK.search(text) is not None
 
 
-def _greedy(model, tokenizer, prompts: List[List[int]], max_new_tokens: int,
-            batch_size: int) -> List[str]:
-    """Batched greedy decoding (left padding) -> completions decoded with special tokens
-    skipped (`<think>` is not special, so traces stay visible)."""
+def generate_batched(model, tokenizer, prompts: List[List[int]], max_new_tokens: int,
+                     batch_size: int, **sampling) -> List[List[int]]:
+    """The generated token ids of each prompt (batched, left padding, up to max_new_tokens;
+    what follows the first stop token is padding). `sampling`: model.generate's
+    do_sample / temperature / top_k / top_p."""
     import torch
 
-    pad = tokenizer.pad_token_id
-    eos = tokenizer.eos_token_id
-    texts: List[str] = []
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    rows: List[List[int]] = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=[eos, pad], pad_token_id=pad, **sampling)
+            rows += out[:, width:].tolist()
+    return rows
+
+
+def _greedy(model, tokenizer, prompts: List[List[int]], max_new_tokens: int,
+            batch_size: int) -> List[str]:
+    """Batched greedy decoding -> completions decoded with special tokens skipped
+    (`<think>` is not special, so traces stay visible)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for i in range(0, len(prompts), batch_size):
-                chunk = prompts[i:i + batch_size]
-                width = max(len(p) for p in chunk)
-                ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                     max_new_tokens=max_new_tokens, eos_token_id=[eos, pad],
-                                     pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-                for row in out[:, width:].tolist():
-                    texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        rows = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                do_sample=False, temperature=None, top_p=None, top_k=None)
     finally:
         model.train(was_training)
-    return texts
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
 def evaluate_model(model, tokenizer, problems: Sequence[Dict[str, Any]], max_new_tokens: int = 48,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from launch import run as launch_run
+from shared.config_check import validate
 from shared.partition import plan as make_plan
 from shared.recipe import REPO_ROOT, load, recipe_names
-from shared.config_check import validate
 
 # Expected partition of every shipped recipe: role -> (nodes, gpus per node, tasks).
 EXPECTED_PLANS = {
@@ -256,3 +256,57 @@ def test_every_config_field_is_read_or_accepted_for_compatibility():
     paths = [p for p, _ in _field_paths(SluiceConfig)]
     for pattern in COMPATIBILITY_ONLY:
         assert any(fnmatch.fnmatchcase(p, pattern) for p in paths), pattern
+
+
+def _choice_fields(cls, prefix=""):
+    """(dotted path, allowed values) of every fixed-choice key of the config tree: a field
+    annotated Annotated[str, Literal[...]] (shared/config.py), None included when optional."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        parts = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        nested = [t for t in parts if dataclasses.is_dataclass(t)]
+        if nested:
+            yield from _choice_fields(nested[0], f"{prefix}{f.name}.")
+            continue
+        for t in parts:
+            if typing.get_origin(t) is typing.Annotated:
+                literal = next(m for m in t.__metadata__ if typing.get_origin(m) is typing.Literal)
+                none = (None,) if type(None) in parts else ()
+                yield prefix + f.name, none + typing.get_args(literal)
+
+
+def test_every_choice_key_is_checked_before_submission():
+    """A value outside a choice key's Literal is refused by validate, naming the key and a
+    valid value (context distillation's keys: when it is enabled)."""
+    import typing
+
+    from shared.config import KLType, SluiceConfig
+    from shared.errors import ConfigError
+
+    choices = dict(_choice_fields(SluiceConfig))
+    assert choices["loss_fn.kl_type"] == typing.get_args(KLType)
+    assert choices["queue.compression"] == (None, "zstd")
+    checked = []
+    for path, allowed in choices.items():
+        if path.startswith("teacher.optimizer."):  # the teacher does not train
+            continue
+        cfg, _ = load("context-self-qwen3-0.6b" if ".context_distillation." in path else "smoke")
+        *parents, name = path.split(".")
+        owner = cfg
+        for p in parents:
+            owner = getattr(owner, p, None)
+        if owner is None:  # under teacher.generation: the teacher samples nothing
+            continue
+        setattr(owner, name, "not-a-choice")
+        with pytest.raises(ConfigError) as exc:
+            validate(cfg)
+        assert exc.value.key == path, exc.value.message
+        assert any(f"{a}" in exc.value.fix for a in allowed), exc.value.message  # names a valid value
+        checked.append(path)
+    assert {"policy.precision", "teacher.precision", "policy.generation.vllm_cfg.precision",
+            "loss_fn.kl_type", "cluster.memory_check", "launch.executor",
+            "distillation.context_distillation.trace_extractor.missing_trace_policy"} <= set(checked)

@@ -135,7 +135,8 @@ def inspect(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
 
 def scored_records(run_dir: Path) -> Dict[int, Dict[int, dict]]:
     """step -> shard -> commit record of every committed scored shard."""
-    from shared.queue import RunDir, StageQueue
+    from shared.queue import StageQueue
+    from shared.rundir import RunDir
 
     rd = RunDir(run_dir)
     return {t: StageQueue(rd, t, "scored").committed() for t in range(1, STEPS + 1)}
@@ -143,7 +144,8 @@ def scored_records(run_dir: Path) -> Dict[int, Dict[int, dict]]:
 
 def sample_ids(run_dir: Path, step: int, stage: str) -> List[str]:
     """sample_id of every row of every committed shard of (step, stage), duplicates kept."""
-    from shared.queue import RunDir, StageQueue
+    from shared.queue import StageQueue
+    from shared.rundir import RunDir
 
     q = StageQueue(RunDir(run_dir), step, stage)
     ids: List[str] = []

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +41,8 @@ def _pid_alive(pid: int) -> bool:
 def _mid_step(run_dir: Path):
     """(step, committed, claimed) once step 1 or 2 has some but not all of its scored shards
     committed, and the teacher holds a claim (or two shards are done: kill anyway)."""
-    from shared.queue import RunDir, StageQueue
+    from shared.queue import StageQueue
+    from shared.rundir import RunDir
 
     rd = RunDir(run_dir)
     for t in (1, 2):
@@ -239,3 +240,27 @@ def test_coordinator_killed_between_submit_and_state_save(tmp_path):
         assert final["retries"] == {"generation-n0": 0, "teacher-n0": 0, "training-n0": 0}, final["retries"]
     finally:
         stop_run(run_dir)
+
+
+def test_worker_exception_is_reported_once_in_one_form(tmp_path):
+    """A worker that raises (an injected RuntimeError in the teacher's first shard of step 1)
+    records its failure the way every role does (shared.worker.Worker.fail): the exception,
+    where it was raised and where its traceback is. The coordinator carries that report into
+    its job_failed event, resubmits the teacher, and the run ends with every sample once."""
+    run_dir = tmp_path / "raise"
+    res = launch(run_dir, "smoke", *FAULT_OVERRIDES, timeout_s=600,
+                 env={"SLUICE_FAULTS": "score_shard:1:raise", "SLUICE_FAULTS_DIR": str(tmp_path)})
+    check_rc(res, run_dir)
+    assert_scored_exactly_once(run_dir)
+    failed = [e for e in events(run_dir) if e["event"] == "job_failed"]
+    assert [e["roles"] for e in failed] == [["teacher"]], failed
+    worker = next(r for r in worker_records(run_dir, "teacher") if r["status"] == "failed")
+    assert worker["job_id"] == failed[0]["job_id"]
+    from shared import worker as worker_module
+
+    at = re.fullmatch(r"RuntimeError: injected fault score_shard:1 \(at (.+):(\d+) in fault_point\); "
+                      r"full traceback in (.+)/", worker["detail"])
+    assert at, worker["detail"]
+    assert at.group(1) == worker_module.__file__ and at.group(3) == str(run_dir.resolve() / "logs" / "teacher-n0")
+    assert failed[0]["worker_said"] == [f"teacher task {worker['task_id']} on {worker['node']}: "
+                                        f"{worker['detail']}"], failed[0]

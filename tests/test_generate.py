@@ -18,12 +18,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from shared.models import tiny_models_dir
-from shared.queue import RunDir, StageQueue
+from shared.queue import StageQueue
 from shared.recipe import load
+from shared.rundir import RunDir, commit_dir, temp_dir_for
 from shared.schemas import build_table
-from testing.tiny import build_tiny_models
-from shared.worker import commit_dir, temp_dir_for, weights_path
 from stages.generate import Generator, generate_shard, pick_weights, run_worker, sample_seed
+from testing.tiny import build_tiny_models
 
 LONG_PROMPT = 150  # > the CPU KV block (128 tokens): the prefix cache holds a full block
 
@@ -226,7 +226,7 @@ def test_sample_seed_is_stable_and_distinct():
 
 
 def commit_weights(rd: RunDir, step: int, src: Path) -> None:
-    final = weights_path(rd, step)
+    final = rd.weights_dir(step)
     tmp = temp_dir_for(final)
     shutil.copytree(src, tmp, dirs_exist_ok=True)
     commit_dir(tmp, final, {"step": step})
@@ -237,13 +237,13 @@ def test_pick_weights(tmp_path, student):
     assert pick_weights(rd, 1, 0) == (0, None)
     assert pick_weights(rd, 2, 0) is None  # waits for weights/000001
     assert pick_weights(rd, 2, 1) == (0, None)
-    final = weights_path(rd, 1)
+    final = rd.weights_dir(1)
     final.mkdir(parents=True)  # not committed (no COMMITTED.json): invisible
     assert pick_weights(rd, 2, 0) is None
     shutil.rmtree(final)
     commit_weights(rd, 1, student)
-    assert pick_weights(rd, 2, 0) == (1, weights_path(rd, 1))
-    assert pick_weights(rd, 3, 1) == (1, weights_path(rd, 1))
+    assert pick_weights(rd, 2, 0) == (1, rd.weights_dir(1))
+    assert pick_weights(rd, 3, 1) == (1, rd.weights_dir(1))
     assert pick_weights(rd, 3, 0) is None
     assert pick_weights(rd, 1, 0) == (0, None)  # never newer than step - 1
 

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from launch.logger import MetricsLogger
 from launch.plot import TITLES, plot_run
-from shared.queue import RunDir
 from shared.recipe import load
+from shared.rundir import RunDir
 
 SECRET = "sk-test-0123456789abcdef-not-a-real-key"
 TRAIN = [{"step": 1, "train/loss": 2.5, "timing/generation": 3.0, "timing/teacher": 1.5,
@@ -98,7 +98,7 @@ def test_wandb_offline_has_metrics_and_no_secret(tmp_path, monkeypatch):
     assert files[0].name == f"run-{run_id}.wandb"
 
     leaked = [p for p in rd.root.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
-    assert leaked == [rd.path("config.yaml")]  # the test's own config file, written by hand
+    assert leaked == [rd.config_file]  # the test's own config file, written by hand
 
 
 def test_tensorboard_without_torch(tmp_path, caplog):

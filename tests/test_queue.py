@@ -24,9 +24,9 @@ from shared.queue import (
     CorruptShardError,
     NotCommittedError,
     Owner,
-    RunDir,
     StageQueue,
 )
+from shared.rundir import RunDir, parse_shard_name
 
 SPAWN = mp.get_context("spawn")
 
@@ -502,7 +502,7 @@ def test_bad_shard_index_is_refused(tmp_path, index):
 @pytest.mark.parametrize("name", ["../shard-00001.arrow", "/abs/shard-00001.arrow", "shard-1.arrow", "shard-00001.arrow/..", "x"])
 def test_bad_shard_names_are_refused(name):
     with pytest.raises(ValueError, match="not a shard file name"):
-        queue.parse_shard_name(name)
+        parse_shard_name(name)
 
 
 def test_paths_escaping_the_run_dir_are_refused(tmp_path):

@@ -37,7 +37,8 @@ def test_every_sample_scored_once_and_trained(real_run):
 
 
 def test_teacher_topk_spans_the_real_vocabulary(real_run):
-    from shared.queue import RunDir, StageQueue
+    from shared.queue import StageQueue
+    from shared.rundir import RunDir
 
     q = StageQueue(RunDir(real_run), 1, "scored")
     ids = torch.cat([torch.tensor(q.read(k).column("teacher_topk_ids").combine_chunks()
@@ -52,7 +53,9 @@ def test_teacher_topk_spans_the_real_vocabulary(real_run):
 def test_generation_reloads_the_trainers_tied_export(real_run):
     from safetensors import safe_open
 
-    from shared.queue import RunDir, StageQueue
+    from shared.queue import StageQueue
+
+    from shared.rundir import RunDir
 
     q = StageQueue(RunDir(real_run), 2, "rollouts")
     versions = {rec["extra"]["policy_version"] for rec in q.committed().values()}

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from shared import schemas
+from shared.pipeline import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 151_936
@@ -73,7 +74,7 @@ def ipc_roundtrip(table: pa.Table) -> pa.Table:
 # ------------------------------------------------------------------------- building
 
 
-@pytest.mark.parametrize("stage", schemas.STAGES)
+@pytest.mark.parametrize("stage", STAGES)
 def test_build_table_has_versioned_schema(stage):
     cols = {"prompts": prompt_columns(), "rollouts": rollout_columns([2, 0, 5])}.get(stage) or scored_columns([2, 0, 5])[0]
     table = schemas.build_table(stage, cols)

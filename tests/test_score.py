@@ -28,8 +28,9 @@ import torch
 from omegaconf import OmegaConf
 
 from shared import schemas
-from shared.queue import RunDir, StageQueue
+from shared.queue import StageQueue
 from shared.recipe import load
+from shared.rundir import RunDir
 from stages import score
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,9 +248,9 @@ def test_worker_commits_every_shard_once(tiny_dir, teacher, tmp_path):
 
 def test_queue_compression_reaches_scored_shards(tiny_dir, teacher, tmp_path):
     rd = _make_run_dir(tmp_path / "run")
-    cfg = OmegaConf.load(rd.path("config.yaml"))
+    cfg = OmegaConf.load(rd.config_file)
     cfg.queue.compression = "zstd"
-    OmegaConf.save(cfg, rd.path("config.yaml"))
+    OmegaConf.save(cfg, rd.config_file)
     assert score.run_worker(rd.root, step=1, once=True) == N_SHARDS
     scored = StageQueue(rd, 1, "scored")
     assert {r["compression"] for r in scored.committed().values()} == {"zstd"}
@@ -290,8 +291,8 @@ def test_long_lived_worker_waits_for_rollouts_and_stops(tiny_dir, tmp_path):
     assert 0 not in scored2.committed()  # its rollouts shard is not committed yet
     rollouts2.commit(0, rollouts_table(*shard_rows(0), tag="two-"))
     wait_for(lambda: "error" in result or scored2.is_complete())
-    rd.path("coordinator").mkdir()
-    rd.path("coordinator", "STOP").touch()
+    rd.coordinator_dir.mkdir()
+    rd.stop_file.touch()
     thread.join(timeout=60)
     assert not thread.is_alive() and result == {"committed": N_SHARDS + 2}
 

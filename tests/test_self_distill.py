@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.queue import RunDir, StageQueue
+from shared.queue import StageQueue
+
 from shared.recipe import REPO_ROOT
+from shared.rundir import RunDir
 
 STEPS = 3
 

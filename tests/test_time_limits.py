@@ -83,7 +83,8 @@ def claims_of(run_dir: Path, job_id: str) -> list:
 
 def assert_every_step_once(run_dir: Path, steps: int, samples: int) -> None:
     """Every step trained once; its scored rows are exactly its samples, each once."""
-    from shared.queue import RunDir, StageQueue
+    from shared.queue import StageQueue
+    from shared.rundir import RunDir
 
     rd = RunDir(run_dir)
     for t in range(1, steps + 1):

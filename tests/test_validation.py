@@ -11,10 +11,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from launch.validation import ACCURACY, AVG_LENGTH, Validation, scheduled_versions
-from shared.queue import RunDir, StageQueue
+from shared.queue import StageQueue
 from shared.recipe import load
+from shared.rundir import RunDir
 from shared.schemas import build_table
-from shared.worker import validation_run_dir
 
 
 def make_run(tmp_path, *overrides):
@@ -29,7 +29,7 @@ def make_run(tmp_path, *overrides):
 
 
 def metrics_rows(rd):
-    return [json.loads(line) for line in rd.path("metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in rd.metrics_file.read_text().splitlines()]
 
 
 def test_scheduled_versions():
@@ -49,7 +49,7 @@ def test_collect_scores_known_answers(tmp_path, tiny_models):
     assert val.prepare() == 6
     assert val.versions(3) == [0, 2, 3]
     assert val.poll(trained_step=0, total_steps=3) == []  # v0 requested, nobody answered yet
-    vrd = validation_run_dir(rd)
+    vrd = rd.validation
     assert StageQueue(vrd, 0, "prompts").is_complete() and StageQueue(vrd, 0, "prompts").expected() == 2
     assert StageQueue(vrd, 2, "prompts").expected() is None  # not trained yet: not requested
 
@@ -105,7 +105,7 @@ def test_worker_answers_validation_with_requested_weights(tmp_path, tiny_models)
     from stages.generate import run_worker
 
     assert run_worker(rd, once=True) == 2
-    vrd = validation_run_dir(rd)
+    vrd = rd.validation
     assert StageQueue(vrd, 1, "rollouts").committed() == {}
     q = StageQueue(vrd, 0, "rollouts")
     assert all(rec["extra"]["validation"] and rec["extra"]["policy_version"] == 0

@@ -10,9 +10,13 @@ submitit) implement `base.Executor`; the coordinator only uses that interface.
 
 from __future__ import annotations
 
-from launch.executors.base import Executor
+from typing import get_args
 
-EXECUTORS = ("local", "slurm")
+from launch.executors.base import Executor
+from shared.config import ExecutorKind
+
+# The kinds a run directory records (run.json); "auto" is resolved before that.
+EXECUTORS = tuple(k for k in get_args(ExecutorKind) if k != "auto")
 
 
 def make_executor(kind: str, run_dir, cfg, plan) -> Executor:

@@ -35,18 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from shared import jobenv
 from shared.partition import JobPlan, WorkerPlan
+from shared.pipeline import ROLE
+from shared.rundir import RunDir
 from shared.slurm_time import minutes
 
-ROLE_MODULE = {"generation": "stages.generate", "teacher": "stages.score", "training": "stages.train"}
 # Job states after which a job is gone for good (first word of sacct's state).
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                  "BOOT_FAIL", "DEADLINE", "INTERRUPTED", "VANISHED"}
 LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING",
                "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
-# Environment of a one-shot task (launch.resubmit --step N): the worker does that step even
-# on a finished run, whose coordinator/STOP would otherwise make it exit at once.
-ONE_SHOT_ENV = "SLUICE_ONE_SHOT_STEP"
 # Seconds a worker gets to stop on SIGTERM (release its claims) before it is killed.
 STOP_GRACE_S = 60.0
 _PR_SET_PDEATHSIG = 1
@@ -87,7 +86,7 @@ def job_end_path(run_dir, job_id: str) -> Path:
     """RUN_DIR/jobs/<job id>.json: why a job's workers were told to stop, written by its
     tasks when the signal arrives: {"job_id", "job", "reason": "time_limit" (the pre-timeout
     signal) or "sigterm" (scancel, preemption), "time", "incarnation"}."""
-    return Path(run_dir) / "jobs" / f"{job_id}.json"
+    return RunDir(run_dir).job_record(job_id)
 
 
 def rdzv_port(job_id: str) -> int:
@@ -109,7 +108,7 @@ class LaunchContext:
 def worker_command(w: WorkerPlan, run_dir: str, ctx: LaunchContext, step: Optional[int] = None,
                    python: str = sys.executable) -> List[str]:
     """The worker's command line (also what tests/golden pins for every recipe)."""
-    module = ROLE_MODULE[w.role]
+    module = ROLE[w.role].module
     args = [run_dir] + ([] if step is None else ["--step", str(step)])
     if not w.multiprocess:
         return [python, "-m", module, *args]
@@ -123,9 +122,6 @@ def worker_command(w: WorkerPlan, run_dir: str, ctx: LaunchContext, step: Option
             "-m", module, *args]
 
 
-# The GPUs the process that started a local job may use (its CUDA_VISIBLE_DEVICES; submitit
-# blanks that variable in local jobs): what a local job's workers index into.
-LOCAL_DEVICES_ENV = "SLUICE_VISIBLE_DEVICES"
 
 
 def visible_devices(indices: Sequence[int], inherited: Optional[str]) -> str:
@@ -156,7 +152,7 @@ class UnitTask:
     def job_devices(self) -> Optional[str]:
         """The GPUs this job holds, as CUDA_VISIBLE_DEVICES lists them (None: all of the node's):
         Slurm's binding, or for a local job those of the process that submitted it."""
-        return os.environ.get(LOCAL_DEVICES_ENV if self.local else "CUDA_VISIBLE_DEVICES")
+        return os.environ.get(jobenv.VISIBLE_DEVICES if self.local else "CUDA_VISIBLE_DEVICES")
 
     def my_worker(self, node: int, local_rank: int) -> Optional[WorkerPlan]:
         """The worker of Slurm task (SLURM_NODEID, SLURM_LOCALID); the local executor runs all
@@ -201,17 +197,17 @@ class UnitTask:
             print(f"[sluice {self.unit.key}] task {jenv.global_rank}: no worker here", flush=True)
             return 0
         env = dict(os.environ)
-        env["SLUICE_JOB_ID"] = self._job_id
-        env["SLUICE_TASK_ID"] = str(w.task)
-        env["SLUICE_ROLE"] = w.role
-        env["SLUICE_JOB_KEY"] = self.unit.key
+        env[jobenv.JOB_ID] = self._job_id
+        env[jobenv.TASK_ID] = str(w.task)
+        env[jobenv.ROLE] = w.role
+        env[jobenv.JOB_KEY] = self.unit.key
         indices = list(w.gpus) if self.local else self.unit.gpu_positions(w)
         env["CUDA_VISIBLE_DEVICES"] = visible_devices(indices, self.job_devices())
         if self.step is not None:
-            env[ONE_SHOT_ENV] = str(self.step)
+            env[jobenv.ONE_SHOT_STEP] = str(self.step)
         end = self.end_time()
         if end is not None:
-            env["SLUICE_JOB_END_TIME"] = str(end)
+            env[jobenv.JOB_END_TIME] = str(end)
         cmd = worker_command(w, self.run_dir, self.context(self._job_id), self.step)
         print(f"[sluice {w.role} task {w.task} node_rank {w.node_rank}] "
               f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} {' '.join(cmd)}", flush=True)
@@ -298,7 +294,7 @@ def key_of_job_name(run_dir, name: str) -> Optional[str]:
 
 
 def log_folder(run_dir, key: str) -> Path:
-    return Path(run_dir) / "logs" / key
+    return RunDir(run_dir).log_dir(key)
 
 
 class Executor:
@@ -381,7 +377,7 @@ def one_shot_unit(units: Sequence[JobPlan], role: str) -> JobPlan:
     return first.only(role, first_worker=role != "training")
 
 
-__all__ = ["Executor", "FAILED_STATES", "LIVE_STATES", "LaunchContext", "ONE_SHOT_ENV",
+__all__ = ["Executor", "FAILED_STATES", "LIVE_STATES", "LaunchContext",
            "SchedulerError", "UnitTask", "job_name", "key_of_job_name", "log_folder",
            "one_shot_unit", "stderr_tail", "time_limit_min", "units_by_key", "visible_devices",
-           "LOCAL_DEVICES_ENV", "worker_command"]
+           "worker_command"]

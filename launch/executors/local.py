@@ -20,8 +20,9 @@ from typing import Dict, List, Optional
 import submitit
 from submitit.local.local import LocalJob
 
-from launch.executors.base import (LOCAL_DEVICES_ENV, Executor, UnitTask, child_pids, job_name,
+from launch.executors.base import (Executor, UnitTask, child_pids, job_name,
                                    key_of_job_name, log_folder, time_limit_min)
+from shared import jobenv
 from shared.partition import JobPlan, job_units
 
 # The job name of a local job, in its controller's environment (Slurm has the real name):
@@ -74,7 +75,7 @@ class LocalExecutor(Executor):
         # Copied into the job by submitit, which sets CUDA_VISIBLE_DEVICES="" for its jobs:
         # the job's name, and the GPUs this process may use (its workers index into them).
         exported = {JOB_NAME_ENV: job_name(self.run_dir, unit.key, step is not None),
-                    LOCAL_DEVICES_ENV: os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+                    jobenv.VISIBLE_DEVICES: os.environ.get("CUDA_VISIBLE_DEVICES", "")}
         before = {name: os.environ.get(name) for name in exported}
         os.environ.update(exported)
         try:
