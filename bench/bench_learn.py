@@ -26,6 +26,11 @@
 5. Entries: reverse KL end over start (target <= 0.5: "falls by at least half") and the greedy
    accuracy gain end - start (target >= +0.2 absolute, fixed before any run as what a reader
    would call "clearly above its start" on 54 problems, i.e. >= 11 more problems right).
+6. Which loss teaches fastest: the pipeline again once per loss_fn.kl_type (forward, reverse,
+   mixed, jsd, sampled_reverse), each for LOSS_STEPS steps from the same random student with
+   the same data and seed (only kl_type differs), measured as in 4; plus the teacher stage's
+   cost per step (bytes of the committed scored shards, and timing/teacher from
+   metrics.jsonl). One row per loss in BENCHMARKS.md ("report": no target).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ ACC_GAIN_TARGET = 0.2     # end - start, absolute
 EVAL_SEED = 1234
 DEFAULT_RUN_DIR = REPO / ".cache" / "bench" / "learn-run"
 PIPELINE_TIMEOUT_S = 1500
+LOSS_STEPS = 20  # steps per loss in the comparison: 5 losses fit ~15 minutes on 2 cores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,8 +247,65 @@ def _curve_summary(curve: List[dict]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 
+def teacher_cost(run_dir: Path) -> Dict[str, float]:
+    """The teacher stage per trained step: bytes of the committed scored shards, and its time
+    (timing/teacher of metrics.jsonl)."""
+    from shared.queue import StageQueue
+    from shared.rundir import RunDir, read_metrics, trained_steps
+
+    rd = RunDir(run_dir)
+    steps = trained_steps(rd)
+    sizes = [sum(rec["bytes"] for rec in StageQueue(rd, t, "scored").committed().values())
+             for t in steps]
+    times = [r["timing/teacher"] for r in read_metrics(rd) if "timing/teacher" in r]
+    return {"scored_bytes_per_step": sum(sizes) / max(len(sizes), 1),
+            "teacher_s_per_step": sum(times) / max(len(times), 1)}
+
+
+def compare_losses(out: dict, teacher, tokenizer, builder, problems, cfg, start: dict,
+                   overrides: Sequence[str], timeout_s: float, steps: int = LOSS_STEPS) -> None:
+    """Step 6 of the module docstring: one short run per loss_fn.kl_type."""
+    from typing import get_args
+
+    from shared.config import KLType
+
+    rows = []
+    for kl in get_args(KLType):
+        run_dir = DEFAULT_RUN_DIR.parent / f"learn-{kl}"
+        wall = run_pipeline(run_dir, [*overrides, f"loss_fn.kl_type={kl}",
+                                      f"distillation.max_num_steps={steps}"], timeout_s)
+        end = measure(last_weights(run_dir), teacher, tokenizer, builder, problems, cfg)
+        rows.append({"kl_type": kl, "reverse_kl": end["reverse_kl"], "accuracy": end["accuracy"],
+                     **teacher_cost(run_dir), "wall_s": round(wall, 1)})
+    for r in rows:
+        label = f"learn by loss ({steps} steps), kl_type={r['kl_type']}"
+        out.setdefault("entries", []).extend([
+            {"name": f"{label}: held-out reverse KL to teacher", "value": round(r["reverse_kl"], 4),
+             "unit": "nats/token", "baseline": round(start["reverse_kl"], 4),
+             "ratio": round(r["reverse_kl"] / start["reverse_kl"], 4), "target": "report"},
+            {"name": f"{label}: exact-match accuracy (greedy); ratio = end - start",
+             "value": round(r["accuracy"], 4), "unit": "fraction",
+             "baseline": round(start["accuracy"], 4), "ratio": round(r["accuracy"] - start["accuracy"], 4),
+             "target": "report"},
+            {"name": f"{label}: teacher-stage bytes per step (scored shards)",
+             "value": round(r["scored_bytes_per_step"] / 2**20, 3), "unit": "MiB", "baseline": None,
+             "ratio": None, "target": "report"},
+            {"name": f"{label}: teacher-stage time per step", "value": round(r["teacher_s_per_step"], 2),
+             "unit": "s", "baseline": None, "ratio": None, "target": "report"},
+        ])
+    out.setdefault("notes", []).append(
+        f"Which loss teaches fastest: {steps} steps per loss_fn.kl_type from the same random "
+        f"student, same data, seed and settings as the check above (jsd_beta "
+        f"{cfg.loss_fn.jsd_beta}; sampled_reverse scores one log-prob per token, no top-k). "
+        "Baseline = the student at the start. " + "; ".join(
+            f"{r['kl_type']}: KL {r['reverse_kl']:.3f}, accuracy {r['accuracy']:.3f}, "
+            f"{r['scored_bytes_per_step'] / 2**20:.2f} MiB and {r['teacher_s_per_step']:.1f} s "
+            f"teacher per step, run {r['wall_s']:.0f} s" for r in rows) + ".")
+    out["learn_by_loss"] = rows
+
+
 def run(out: dict, overrides: Sequence[str] = (), run_dir: Optional[Path] = None,
-        timeout_s: float = PIPELINE_TIMEOUT_S) -> dict:
+        timeout_s: float = PIPELINE_TIMEOUT_S, compare: bool = True) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -321,6 +384,8 @@ def run(out: dict, overrides: Sequence[str] = (), run_dir: Optional[Path] = None
         notes.append(f"The pipeline's own end-of-run validation (vLLM samples at temperature "
                      f"{cfg.policy.generation.temperature}, math-verify, "
                      f"{cfg.distillation.max_val_samples} validation problems): accuracy {val[-1]:.3f}.")
+    if compare:
+        compare_losses(out, teacher, tokenizer, builder, problems, cfg, start, overrides, timeout_s)
     out["learn"] = {"start": start, "end": end, "teacher": {k: teacher_eval[k] for k in
                                                             ("accuracy", "trace_rate", "accuracy_by_op")},
                     "curve": curve, "pipeline_wall_s": round(wall, 1), "total_s": round(total, 1),
@@ -333,13 +398,16 @@ def main() -> None:
     p.add_argument("--run-dir", help=f"run directory (default {DEFAULT_RUN_DIR}; wiped first)")
     p.add_argument("--write-train-file", action="store_true",
                    help="rewrite conf/learn-train.jsonl from testing.thinker and exit")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip the comparison of loss types (step 6 of the module docstring)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the learn recipe")
     args = p.parse_args()
     if args.write_train_file:
         check_train_file(write=True)
         print(f"wrote {TRAIN_FILE}")
         return
-    out = run({}, args.overrides, Path(args.run_dir) if args.run_dir else None)
+    out = run({}, args.overrides, Path(args.run_dir) if args.run_dir else None,
+              compare=not args.no_compare)
     print(json.dumps({k: out[k] for k in ("entries", "notes")}, indent=1, default=str))
 
 

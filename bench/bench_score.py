@@ -12,6 +12,8 @@ Variants:
            of 1,024, in-place fp32 log-softmax, top-k)
   naive    ``model(ids).logits``, ``log_softmax(logits.float() / T)`` over the whole sequence,
            top-k at the response positions
+  sampled  ``score_rows`` for loss_fn.kl_type=sampled_reverse: the same chunked pass, but the
+           log-prob of each response token itself instead of a top-k (speed only)
 
 Memory is measured, not computed, for one run of each variant in its own fresh subprocess:
 on CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs after the model is
@@ -26,11 +28,16 @@ Entries (``out["entries"]``), each {name, value, baseline, ratio, target, unit, 
 ratio = value / baseline (chunked / naive):
   score_peak_memory   MiB above the loaded model; target ratio <= 1/8
   score_tokens_per_s  tokens/s; target ratio >= 1.0
+  score_sampled_tokens_per_s   sampled vs chunked top-k, tokens/s; target ratio >= 1.0
+  scored_teacher_bytes_per_token_sampled   the teacher columns of a scored shard per response
+                      token (Arrow buffers: ids int32 + log-probs float16 + offsets), sampled
+                      (one entry) vs top-64; target <= 6 B
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -78,6 +85,7 @@ def _setup(seq_len: int):
     teacher = score.Teacher(scorer=score.Scorer(model), name="bench", device=device,
                             temperature=TEMPERATURE, topk=TOPK, chunk_size=CHUNK, mb_tokens=seq_len,
                             max_seq_len=seq_len, pad_id=0)
+    sampled_teacher = dataclasses.replace(teacher, topk=1, sampled=True)
 
     def sync():
         if device.type == "cuda":
@@ -96,7 +104,12 @@ def _setup(seq_len: int):
         logprobs[0, positions].topk(TOPK, dim=-1).indices.cpu()
         sync()
 
-    return device, {"chunked": chunked, "naive": naive}
+    @torch.no_grad()
+    def sampled():
+        score.score_rows(sampled_teacher, [prompt], [response])
+        sync()
+
+    return device, {"chunked": chunked, "naive": naive, "sampled": sampled}
 
 
 def measure_memory(variant: str, seq_len: int) -> dict:
@@ -135,6 +148,20 @@ def measure_speed(seq_len: int, repeats: int) -> dict:
     return {name: seq_len / t for name, t in best.items()}
 
 
+def teacher_bytes_per_token(k: int, rows: int = 16, tokens_per_row: int = 256) -> float:
+    """Bytes of a scored shard's two teacher columns (Arrow buffers) per response token."""
+    import numpy as np
+
+    from shared import schemas
+
+    n = rows * tokens_per_row
+    g = np.random.default_rng(0)
+    ids = g.integers(0, VOCAB, (n, k)).astype(np.int32)
+    values = -g.random((n, k)).astype(np.float16) * 20
+    cols = schemas.topk_to_arrow(ids, values, [tokens_per_row] * rows)
+    return sum(c.nbytes for c in cols) / n
+
+
 def _in_subprocess(*args: str) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.bench_score", *args],
@@ -158,7 +185,15 @@ def run(out: dict, seq_len: int = 4096, repeats: int = 2) -> dict:
         {"name": "score_tokens_per_s", "value": round(speed["chunked"], 1),
          "baseline": round(speed["naive"], 1), "ratio": round(speed["chunked"] / speed["naive"], 3),
          "target": 1.0, "unit": "tokens/s", "better": "higher"},
+        {"name": "score_sampled_tokens_per_s", "value": round(speed["sampled"], 1),
+         "baseline": round(speed["chunked"], 1), "ratio": round(speed["sampled"] / speed["chunked"], 3),
+         "target": 1.0, "unit": "tokens/s", "better": "higher"},
     ]
+    sampled_bytes, topk_bytes = teacher_bytes_per_token(1), teacher_bytes_per_token(TOPK)
+    entries.append({"name": "scored_teacher_bytes_per_token_sampled", "value": round(sampled_bytes, 3),
+                    "baseline": round(topk_bytes, 3), "ratio": round(sampled_bytes / topk_bytes, 4),
+                    "compare": round(sampled_bytes, 3), "target": "<= 6", "unit": "B/token",
+                    "note": "baseline: the same columns with the top-64"})
     out.setdefault("entries", []).extend(entries)
     out["score_setup"] = {"device": chunked["device"], "vocab": VOCAB, "seq_len": seq_len,
                           "prompt_tokens": PROMPT_TOKENS, "topk": TOPK, "chunk": CHUNK,

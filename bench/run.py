@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         if not (REPO / "bench" / f"bench_{name}.py").exists():
             continue
         print(f"[bench] {name} ...", flush=True)
-        results[name] = run_module(name)
+        results[name] = run_module(name, timeout_s=3600 if name == "learn" else 1500)
         print(f"[bench] {name}: {'failed: ' + results[name]['error'] if 'error' in results[name] else 'done'} "
               f"({results[name].get('elapsed_s', 0):.0f}s)", flush=True)
     write_reports(results, out_path)

@@ -32,8 +32,8 @@ from omegaconf import II, MISSING
 # The allowed values of each fixed-choice key (see the module docstring).
 Precision = Literal["bfloat16", "float16", "float32"]
 """policy.precision, teacher.precision, policy.generation.vllm_cfg.precision."""
-KLType = Literal["forward", "reverse", "mixed"]
-"""loss_fn.kl_type."""
+KLType = Literal["forward", "reverse", "mixed", "jsd", "sampled_reverse"]
+"""loss_fn.kl_type (README: The loss)."""
 GenerationBackend = Literal["vllm"]
 """policy.generation.backend."""
 OptimizerName = Literal["torch.optim.AdamW", "AdamW"]
@@ -54,7 +54,8 @@ Compression = Literal["zstd"]
 ContextMode = Literal["self_frozen"]
 ProblemSource = Literal["original_user_problem"]
 Alignment = Literal["response_token_index"]
-OverflowPolicy = Literal["truncate_prefix_only"]
+OverflowPolicy = Literal["truncate_prefix_only", "truncate_prefix_from_end", "shorten_trace"]
+"""distillation.context_distillation.overflow_policy: the fork's two, then Sluice's own."""
 FrozenTeacherSource = Literal["base_model"]
 TraceSource = Literal["dynamic", "static_dataset"]
 TraceType = Literal["think_tag"]
@@ -193,7 +194,9 @@ class GenerationConfig:
     max_new_tokens: int = II("..max_total_sequence_length")
     """Most tokens sampled per answer."""
     temperature: float = 1.0
-    """Sampling temperature; also the temperature of the distillation loss and teacher scoring."""
+    """Sampling temperature. The student's: it also divides the student's logits in the loss.
+    The teacher's (teacher.generation, null by default): when set, the teacher's logits are
+    divided by it when scoring; when null they are not scaled (the fork's behaviour)."""
     top_p: float = 1.0
     """Nucleus sampling."""
     top_k: Optional[int] = None
@@ -286,8 +289,13 @@ class ContextDistillationConfig:
     alignment: Annotated[str, Alignment] = "response_token_index"
     """Only response_token_index (V1)."""
     overflow_policy: Annotated[str, OverflowPolicy] = "truncate_prefix_only"
-    """Only truncate_prefix_only: shorten the trace from its end when the teacher sequence is
-    too long."""
+    """What to do when the rendered teacher prompt + response exceed
+    teacher.max_total_sequence_length (the prompt's budget is that length minus the
+    response's). truncate_prefix_only (the fork's default): keep the prompt's last budget
+    tokens; truncate_prefix_from_end (the fork's): keep its first budget tokens;
+    shorten_trace (Sluice's): cut the trace from its end and re-render, so the chat template
+    stays whole (a sample that does not fit with an empty trace is dropped). A response
+    that fills the whole length is dropped under every policy."""
     frozen_teacher_source: Annotated[str, FrozenTeacherSource] = "base_model"
     """Only base_model: the teacher is the student's initial weights."""
     trace_source: Annotated[str, TraceSource] = "dynamic"
@@ -366,11 +374,33 @@ class DistillationConfig:
 @dataclass
 class LossConfig:
     kl_type: Annotated[str, KLType] = "mixed"
-    """forward, reverse or mixed."""
+    """forward, reverse, mixed (NeMo-RL's, over the teacher's top-k); jsd (GKD's generalized
+    Jensen-Shannon divergence over the top-k); sampled_reverse (the sampled-token reverse KL
+    of on-policy distillation: no top-k, the teacher scores only the sampled token)."""
     mixed_kl_weight: float = 0.5
     """Weight of the forward KL when kl_type=mixed."""
+    jsd_beta: float = 0.5
+    """kl_type=jsd: the interpolation beta in (0, 1); the mixture is beta * teacher +
+    (1 - beta) * student (GKD's convention; near 0 it behaves like forward KL, near 1 like
+    reverse KL)."""
     zero_outside_topk: bool = False
-    """Normalise the student over the full vocabulary and add the tail term (reverse/mixed)."""
+    """Normalise the student over the full vocabulary; reverse/mixed add the tail term, jsd its
+    exact tail (the teacher is zero outside its top-k). Not used by sampled_reverse, which
+    always normalises over the full vocabulary."""
+
+    @property
+    def scores_sampled_token(self) -> bool:
+        """The teacher scores only each sampled token (one log-prob per token, no top-k)."""
+        return self.kl_type == "sampled_reverse"
+
+    @property
+    def full_vocab_student(self) -> bool:
+        """The loss needs the student's full-vocabulary normaliser."""
+        return self.zero_outside_topk or self.scores_sampled_token
+
+    def teacher_k(self, topk_logits_k: int) -> int:
+        """Entries the teacher stores per response token."""
+        return 1 if self.scores_sampled_token else topk_logits_k
 
 
 @dataclass
@@ -641,7 +671,8 @@ class SluiceConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     """The student."""
     teacher: PolicyConfig = field(default_factory=lambda: PolicyConfig(generation=None))
-    """The teacher (its generation section is unused)."""
+    """The teacher. Its generation section only sets the teacher's temperature (null: the
+    teacher's logits are not scaled; set: divided by teacher.generation.temperature)."""
     loss_fn: LossConfig = field(default_factory=LossConfig)
     """Distillation loss."""
     distillation: DistillationConfig = field(default_factory=DistillationConfig)

@@ -129,6 +129,11 @@ def _check_loss(loss: LossConfig) -> None:
         raise config_error("loss_fn.mixed_kl_weight", value=loss.mixed_kl_weight,
                            problem="the weight of the forward KL must be in [0, 1]",
                            fix="set loss_fn.mixed_kl_weight between 0 and 1")
+    if not 0.0 < loss.jsd_beta < 1.0:
+        raise config_error("loss_fn.jsd_beta", value=loss.jsd_beta,
+                           problem="the JSD interpolation must be strictly between 0 and 1",
+                           fix="set loss_fn.jsd_beta in (0, 1) (its limits are kl_type=forward "
+                           "and kl_type=reverse)")
 
 
 def _check_model_side(prefix: str, m: PolicyConfig) -> None:
@@ -238,8 +243,13 @@ def _check_generation(cfg: SluiceConfig) -> None:
                            problem="must be at least 1", fix="set max_new_tokens>=1")
     if g.temperature <= 0:
         raise config_error("policy.generation.temperature", value=g.temperature,
-                           problem="must be > 0: it also divides the logits of the loss and of "
-                           "teacher scoring", fix="set a positive temperature (e.g. 1.0)")
+                           problem="must be > 0: it also divides the student's logits in the loss",
+                           fix="set a positive temperature (e.g. 1.0)")
+    tg = cfg.teacher.generation
+    if tg is not None and not tg.temperature > 0:
+        raise config_error("teacher.generation.temperature", value=tg.temperature,
+                           problem="must be > 0: the teacher divides its logits by it",
+                           fix="set a positive temperature, or teacher.generation=null (no scaling)")
     if not 0 < g.top_p <= 1:
         raise config_error("policy.generation.top_p", value=g.top_p, problem="must be in (0, 1]",
                            fix="set top_p in (0, 1]")

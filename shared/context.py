@@ -11,19 +11,28 @@ as the single user message, through the chat template with the generation prompt
 student's `response_ids` are appended verbatim by the scorer (never re-tokenised), so
 response token i is predicted at teacher position `len(ids) - 1 + i`.
 
-Overflow (`teacher.max_total_sequence_length`): a response that alone is too long is
-dropped; otherwise the trace is shortened from its end and the prompt re-rendered until
-prompt + response fit, so the start of the prompt and the template's closing part (end of the
-user turn, assistant header) stay intact; a sample that does not fit even with an empty trace
-is dropped (no prefix budget).
+Overflow (`teacher.max_total_sequence_length`, `overflow_policy`): a response longer than
+the limit is dropped (`too_long_response`), one exactly as long leaves the prompt no room
+(`no_prefix_budget`); otherwise the prompt's budget is the limit minus the response length,
+and a rendered prompt over it is cut by the policy:
+- `truncate_prefix_only` (the fork's default): its last `budget` tokens, so the start of the
+  user turn and of the instruction may be lost;
+- `truncate_prefix_from_end` (the fork's): its first `budget` tokens, so the template's
+  closing part (end of the user turn, assistant header) may be lost;
+- `shorten_trace` (Sluice's own): the longest start of the trace whose re-rendered prompt
+  fits, so the prompt's start and the template's closing part stay intact; a prompt that does
+  not fit even with an empty trace is dropped (`no_prefix_budget`).
+The two fork policies cut token ids of the rendered prompt, as the fork does, and never drop
+a sample for its prompt's length. Any cut marks the sample `truncated`.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, get_args
 
+from shared.config import OverflowPolicy
 from shared.data import chat_ids
 
 THINK = re.compile(r"<think>(.*?)</think>", flags=re.DOTALL)
@@ -60,6 +69,8 @@ class TeacherPromptBuilder:
         self.static = c.trace_source == "static_dataset"
         self.drop_missing = c.trace_extractor.missing_trace_policy == "drop_sample"
         self.max_len = cfg.teacher.max_total_sequence_length
+        self.overflow = c.overflow_policy
+        assert self.overflow in get_args(OverflowPolicy), self.overflow  # config_check refuses others
         self.kwargs = dict(cfg.teacher.tokenizer.chat_template_kwargs
                            or cfg.policy.tokenizer.chat_template_kwargs or {})
         self.tokenizer = tokenizer
@@ -95,7 +106,13 @@ class TeacherPromptBuilder:
         if len(ids) <= budget:
             tp.ids = ids
             return tp
-        # Too long: keep the longest start of the trace that fits (binary search over its
+        if self.overflow == "truncate_prefix_only":
+            tp.ids, tp.truncated = ids[-budget:], True
+            return tp
+        if self.overflow == "truncate_prefix_from_end":
+            tp.ids, tp.truncated = ids[:budget], True
+            return tp
+        # shorten_trace: keep the longest start of the trace that fits (binary search over its
         # tokens; rendering is monotone in the kept length up to tokenizer merges at the cut,
         # which the final check guards).
         tokens = self._trace_tokens(trace)

@@ -21,6 +21,16 @@ Definitions, per response token t, with K = the teacher's top-k ids at t and T =
     mixed   = w * forward + (1 - w) * reverse   (+ (1 - w) * tail), w = mixed_kl_weight
     tail    = H_rest + 100 * P_rest,  P_rest = 1 - sum_K exp(p),
               H_rest = sum_{v not in K} s_v log s_v,  s = softmax(student_logits / T)
+    jsd     = b * sum_K exp(q) (q - m) + (1 - b) * sum_K exp(p) (p - m),
+              m = log(b exp(q) + (1 - b) exp(p)),  b = jsd_beta   (GKD's generalized JSD)
+              (+ (1 - b) * -log(1 - b) * P_rest when zero_outside_topk: outside K the teacher
+              is 0, so the mixture there is (1 - b) s_v and each s_v adds s_v * -log(1 - b))
+    sampled_reverse, with y the sampled token (teacher_topk_ids = [y], teacher_topk_logprobs
+              = [log p_teacher(y)] as scored, no renormalisation) and
+              r = log softmax(student_logits / T)[y] - log p_teacher(y)   (full vocabulary):
+              value r (an unbiased one-sample estimate of the reverse KL), gradient
+              stop_grad(r) * d log p_student(y): r is a per-token penalty, as in on-policy
+              distillation (Thinking Machines; prime-rl)
     loss    = sum over valid tokens / num_valid_tokens_global
 
 Dividing by the global count (not the local one) is what makes the sum of the micro-batch
@@ -41,6 +51,8 @@ or backward.
 from __future__ import annotations
 
 from typing import get_args
+
+import math
 
 import torch
 
@@ -104,6 +116,7 @@ def distillation_loss(
     zero_outside_topk: bool = False,
     temperature: float = 1.0,
     chunk_size: int = 256,
+    jsd_beta: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss of one micro-batch, normalised by the global valid-token count.
 
@@ -115,8 +128,9 @@ def distillation_loss(
         valid_mask: [N] (or [...]) 1 for tokens that count (`token_mask * sample_mask`).
         num_valid_tokens_global: valid tokens in the whole optimizer batch, over all ranks and
             micro-batches. A batch with none gives a zero loss (the count is clamped to 1).
-        kl_type: "forward", "reverse" or "mixed".
+        kl_type: "forward", "reverse", "mixed", "jsd" or "sampled_reverse" (module doc).
         mixed_kl_weight: weight w of the forward KL in "mixed".
+        jsd_beta: the interpolation b of "jsd", in (0, 1).
         zero_outside_topk: normalise the student over the full vocabulary (see module doc).
         temperature: divides the student logits (the teacher's were divided when scored).
         chunk_size: positions per chunk for the full-vocabulary pass (zero_outside_topk only).
@@ -131,19 +145,27 @@ def distillation_loss(
     assert kl_type in get_args(KLType), f"kl_type={kl_type!r} is not one of {get_args(KLType)}"
     _check_inputs(student_logits, teacher_topk_ids, teacher_topk_logprobs, valid_mask,
                   mixed_kl_weight, temperature, chunk_size)
+    if kl_type == "jsd" and not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"loss_fn.jsd_beta={jsd_beta} must be in (0, 1)")
 
     vocab, k = student_logits.shape[-1], teacher_topk_ids.shape[-1]
     logits = student_logits.reshape(-1, vocab)
     ids = teacher_topk_ids.reshape(-1, k).long()
     valid = valid_mask.reshape(-1).bool()
     compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    if kl_type == "sampled_reverse":
+        return _sampled_reverse(logits, ids, teacher_topk_logprobs.reshape(-1, k), valid,
+                                num_valid_tokens_global, compute_dtype, temperature, chunk_size)
 
     p, neg_entropy = _student_log_probs(logits, ids, compute_dtype, temperature,
                                         zero_outside_topk, chunk_size)
     q = _teacher_log_probs(teacher_topk_logprobs.reshape(-1, k), valid, compute_dtype)
     p_probs, q_probs = p.exp(), q.exp()
     forward, reverse, tail = _kl_terms(p, q, p_probs, q_probs, neg_entropy)
-    per_token = _per_token_loss(forward, reverse, tail, kl_type, mixed_kl_weight)
+    if kl_type == "jsd":
+        per_token = _jsd(p, q, p_probs, q_probs, jsd_beta, zero_outside_topk)
+    else:
+        per_token = _per_token_loss(forward, reverse, tail, kl_type, mixed_kl_weight)
 
     zero = per_token.new_zeros(())
     loss_sum = torch.where(valid, per_token, zero).sum()
@@ -217,6 +239,39 @@ def _per_token_loss(forward, reverse, tail, kl_type: str, mixed_kl_weight: float
         return rev
     w = mixed_kl_weight
     return w * forward + (1.0 - w) * rev
+
+
+def _jsd(p, q, p_probs, q_probs, beta: float, zero_outside_topk: bool) -> torch.Tensor:
+    """Per token: GKD's generalized JSD over K (module doc), with its exact tail."""
+    log_m = torch.logaddexp(q + math.log(beta), p + math.log1p(-beta))
+    teacher_part = (q_probs * (q - log_m)).sum(-1)
+    student_part = (p_probs * (p - log_m)).sum(-1)
+    jsd = beta * teacher_part + (1.0 - beta) * student_part
+    if zero_outside_topk:
+        jsd = jsd + (1.0 - beta) * -math.log1p(-beta) * (1.0 - p_probs.sum(-1))
+    return jsd
+
+
+def _sampled_reverse(logits, ids, t_vals, valid, num_valid_tokens_global, compute_dtype,
+                     temperature: float, chunk_size: int):
+    """kl_type=sampled_reverse (module doc): (loss, metrics) of one micro-batch."""
+    if ids.shape[-1] != 1:
+        raise ValueError(f"kl_type=sampled_reverse needs one teacher log-prob per token (the "
+                         f"sampled token's), got {ids.shape[-1]}; the teacher stage of a "
+                         "sampled_reverse run scores only the sampled token")
+    z = logits.gather(-1, ids).to(compute_dtype)[:, 0] / temperature
+    lse, _ = _FullVocabStats.apply(logits, float(temperature), int(chunk_size), compute_dtype)
+    log_p = z - lse  # log p_student(y), full vocabulary
+    t = torch.where(valid, t_vals[:, 0].to(compute_dtype), 0.0).clamp_min(_TEACHER_LOGPROB_FLOOR)
+    penalty = (log_p - t).detach()
+    # Value: the penalty; gradient: penalty * d log p_student(y) (the score-function estimator).
+    per_token = penalty * (log_p - log_p.detach()) + penalty
+    zero = per_token.new_zeros(())
+    loss_sum = torch.where(valid, per_token, zero).sum()
+    loss = loss_sum / _global_count(num_valid_tokens_global, loss_sum.device, compute_dtype)
+    # forward KL is not estimated from one sample: reported as 0.
+    return loss, _metrics(valid, zero, loss_sum, torch.zeros_like(penalty), penalty,
+                          log_p.detach().exp()[:, None], None)
 
 
 def _global_count(num_valid_tokens_global, device, compute_dtype) -> torch.Tensor:

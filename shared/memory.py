@@ -274,6 +274,7 @@ def _training(cfg: SluiceConfig, plan: Plan, shape: ModelShape) -> RoleEstimate:
     tokens = train_micro_batch_tokens(cfg)
     shard = shape.params / world
     kept = 0 if d.cpu_offload else 1
+    k = cfg.loss_fn.teacher_k(cfg.distillation.topk_logits_k)
 
     def where(size: float) -> str:
         return f"on the host: {size / GB:.2f} (cpu_offload)" if d.cpu_offload \
@@ -292,10 +293,9 @@ def _training(cfg: SluiceConfig, plan: Plan, shape: ModelShape) -> RoleEstimate:
         Item("activations", training_activation_bytes(shape, tokens, a, d.activation_checkpointing),
              f"{tokens} tokens, {shape.layers} layers"
              + (", activation checkpointing" if d.activation_checkpointing else ", all kept")),
-        Item("logits", training_logits_bytes(shape, tokens, a, cfg.distillation.topk_logits_k,
-                                             cfg.loss_fn.zero_outside_topk, chunk),
-             f"{3 if cfg.loss_fn.zero_outside_topk else 2} x [{tokens}, {shape.vocab}] {p.precision}"
-             f" + top-{cfg.distillation.topk_logits_k}"),
+        Item("logits", training_logits_bytes(shape, tokens, a, k, cfg.loss_fn.full_vocab_student, chunk),
+             f"{3 if cfg.loss_fn.full_vocab_student else 2} x [{tokens}, {shape.vocab}] {p.precision}"
+             f" + top-{k}"),
         Item("runtime", RUNTIME_BYTES, "CUDA context, NCCL, allocator"),
     ]
     rp = plan.roles["training"]
@@ -325,7 +325,7 @@ def _teacher(cfg: SluiceConfig, plan: Plan, shape: ModelShape) -> RoleEstimate:
     g = plan.roles["teacher"].gpus_per_task
     a = DTYPE_BYTES[t.precision]
     tokens = teacher_batch_tokens(cfg)
-    k = cfg.distillation.topk_logits_k
+    k = cfg.loss_fn.teacher_k(cfg.distillation.topk_logits_k)
     chunk = t.logprob_chunk_size or TEACHER_CHUNK
     body = inference_activation_bytes(shape, tokens, a)
     head = teacher_head_bytes(shape, tokens, a, k, chunk)

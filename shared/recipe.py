@@ -128,6 +128,48 @@ def _messages(exc: BaseException) -> str:
     return "; ".join(parts)
 
 
+def _null_section(node: DictConfig, key: str) -> Optional[str]:
+    """The optional section above `key` that is null in `node` (teacher.generation for
+    teacher.generation.temperature), or None."""
+    parts = key.lstrip("+~").split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        if OmegaConf.select(node, prefix, throw_on_missing=False) is None and \
+                _section_type(prefix) is not None:
+            return prefix
+    return None
+
+
+def _section_type(dotted: str):
+    """The dataclass of schema section `dotted` (e.g. GenerationConfig), or None."""
+    child = OmegaConf.structured(SluiceConfig)
+    for part in dotted.split("."):
+        if not isinstance(child, DictConfig) or part not in child:
+            return None
+        child = child._get_node(part)
+    ref = child._metadata.ref_type if isinstance(child, DictConfig) else None
+    return ref if isinstance(ref, type) and is_dataclass(ref) else None
+
+
+def _fill_null_sections(node: DictConfig, overrides: Sequence[str]) -> None:
+    """Overrides of keys inside a section the recipe leaves null (teacher.generation.temperature
+    =0.7): the section is created with its defaults, then the keys are set."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        section = _null_section(node, key)
+        if section is not None:
+            OmegaConf.update(node, section, OmegaConf.structured(_section_type(section)),
+                             merge=False)
+        OmegaConf.update(node, key.lstrip("+~"), _parse_value(value), merge=True)
+
+
+def _parse_value(text: str):
+    """An override's value as Hydra reads it (numbers, booleans, null, lists, strings)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(f"x={text}").value()
+
+
 def load(conf: str, overrides: Sequence[str] = ()) -> Tuple[SluiceConfig, DictConfig]:
     """Compose the recipe with overrides; return (typed config, resolved DictConfig)."""
     from hydra import compose, initialize_config_dir
@@ -140,7 +182,11 @@ def load(conf: str, overrides: Sequence[str] = ()) -> Tuple[SluiceConfig, DictCo
         # Sluice's recipes stay reachable from a user's YAML elsewhere (defaults: [qwen3-14b-4b]).
         search = [f"hydra.searchpath=[file://{CONF_DIR}]"] if config_dir != CONF_DIR else []
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            node = compose(config_name=name, overrides=search + list(overrides))
+            base = compose(config_name=name, overrides=search)
+            late = [o for o in overrides if _null_section(base, o.split("=", 1)[0]) is not None]
+            node = compose(config_name=name,
+                           overrides=search + [o for o in overrides if o not in late])
+        _fill_null_sections(node, late)
         OmegaConf.resolve(node)
         typed = OmegaConf.to_object(node)
     except AssertionError:

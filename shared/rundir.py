@@ -134,6 +134,11 @@ def parse_shard_name(name: str) -> int:
 # --------------------------------------------------------------------------- RunDir
 
 
+def _fixed(*parts: str) -> property:
+    """A RunDir property: the path RUN_DIR/<parts> (checked like every path)."""
+    return property(lambda rd: rd.path(*parts), doc=f"RUN_DIR/{'/'.join(parts)}")
+
+
 class RunDir:
     """A run directory; every path handed out is checked to lie inside it."""
 
@@ -158,39 +163,19 @@ class RunDir:
             )
         return candidate
 
-    # Files at the top.
-    @property
-    def config_file(self) -> Path:
-        return self.path(CONFIG)
-
-    @property
-    def run_file(self) -> Path:
-        return self.path(RUN_JSON)
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.path(METRICS)
-
-    # The coordinator's folder.
-    @property
-    def coordinator_dir(self) -> Path:
-        return self.path(COORDINATOR)
-
-    @property
-    def state_file(self) -> Path:
-        return self.path(COORDINATOR, STATE)
-
-    @property
-    def events_file(self) -> Path:
-        return self.path(COORDINATOR, EVENTS)
-
-    @property
-    def lock_file(self) -> Path:
-        return self.path(COORDINATOR, LOCK)
-
-    @property
-    def stop_file(self) -> Path:
-        return self.path(COORDINATOR, STOP)
+    # Fixed paths (properties): the files at the top, the coordinator's folder, the
+    # committed-directory roots.
+    config_file = _fixed(CONFIG)
+    run_file = _fixed(RUN_JSON)
+    metrics_file = _fixed(METRICS)
+    coordinator_dir = _fixed(COORDINATOR)
+    state_file = _fixed(COORDINATOR, STATE)
+    events_file = _fixed(COORDINATOR, EVENTS)
+    lock_file = _fixed(COORDINATOR, LOCK)
+    stop_file = _fixed(COORDINATOR, STOP)
+    weights_root = _fixed(WEIGHTS)
+    checkpoints_root = _fixed(CHECKPOINTS)
+    final_dir = _fixed(FINAL)
 
     def data_file(self, name: str) -> Path:
         """RUN_DIR/data/<name>: TRAIN_DATA, HELDOUT, DATA_SUMMARY."""
@@ -210,23 +195,11 @@ class RunDir:
         return self.path(STEPS, step_name(step), TRAIN_RECORD)
 
     # Committed directories.
-    @property
-    def weights_root(self) -> Path:
-        return self.path(WEIGHTS)
-
-    @property
-    def checkpoints_root(self) -> Path:
-        return self.path(CHECKPOINTS)
-
     def weights_dir(self, step: int) -> Path:
         return self.path(WEIGHTS, step_name(step))
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.path(CHECKPOINTS, step_name(step))
-
-    @property
-    def final_dir(self) -> Path:
-        return self.path(FINAL)
 
     # Workers, jobs, logs.
     def workers_dir(self, role: Optional[str] = None) -> Path:

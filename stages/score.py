@@ -17,7 +17,8 @@ distillation passes its own prompts to ``score_shard``). Response token i is pre
 teacher position ``len(teacher_prompt_ids) - 1 + i`` (stored as ``alignment_offset``). The
 transformer body runs once per batch; the LM head then runs only at response positions, in
 chunks of ``teacher.logprob_chunk_size`` positions (default 1024): ``logits / T`` (T =
-``policy.generation.temperature``), log-softmax over the full vocabulary in fp32, top-k
+``teacher.generation.temperature`` when the teacher has a generation section, else 1: no
+scaling, as in the fork), log-softmax over the full vocabulary in fp32, top-k
 (``distillation.topk_logits_k``). The fp32 chunk is the only ``[positions, vocab]`` tensor and
 the log-softmax is done in place on it, so peak memory is ``chunk * vocab * 4`` bytes, never
 ``sequence * vocab``. A row whose teacher sequence is longer than
@@ -96,8 +97,11 @@ class Scorer(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, *,
-                temperature: float, k: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k ``(logprobs fp32, ids int64)``, ``[len(rows), k]``, at ``input_ids[rows, positions]``."""
+                temperature: float, k: int, chunk_size: int,
+                targets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k ``(logprobs fp32, ids int64)``, ``[len(rows), k]``, at ``input_ids[rows, positions]``.
+        With ``targets`` (k = 1; one id per position: the student's sampled token): instead of
+        the top-k, the log-prob of that token, with no top-k pass."""
         hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         picked = hidden[rows, positions]  # [N, H]: only the positions that predict response tokens
         del hidden
@@ -114,7 +118,11 @@ class Scorer(nn.Module):
             # log_softmax(x) = (x - max) - log(sum(exp(x - max))), done in place so the chunk
             # costs one [chunk, vocab] fp32 buffer instead of three (x/T, exp, result).
             x.sub_(x.amax(dim=-1, keepdim=True))
-            top_values, top_ids = x.topk(k, dim=-1)
+            if targets is not None:
+                top_ids = targets[start:end, None]
+                top_values = x.gather(-1, top_ids)
+            else:
+                top_values, top_ids = x.topk(k, dim=-1)
             log_norm = x.exp_().sum(dim=-1, keepdim=True).log_()
             values[start:end] = top_values - log_norm
             ids[start:end] = top_ids
@@ -141,6 +149,9 @@ class Teacher:
     pad_id: int
     sharded: bool = False
     """FSDP2 over the default process group: score_rows is then a collective."""
+    sampled: bool = False
+    """loss_fn.kl_type=sampled_reverse: score each response token's own log-prob (topk = 1,
+    the "top-k" ids are the sampled tokens) instead of the top-k."""
 
     @property
     def lm(self) -> nn.Module:
@@ -175,12 +186,19 @@ def _settings(cfg: SluiceConfig) -> dict:
     for key, value in checks.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}={value!r} must be a positive integer")
-    temperature = cfg.policy.generation.temperature
-    if not temperature > 0:
-        raise ValueError(f"policy.generation.temperature={temperature!r} must be > 0: the teacher "
-                         "divides its logits by it")
-    return dict(temperature=float(temperature), topk=cfg.distillation.topk_logits_k,
+    return dict(temperature=teacher_temperature(cfg), sampled=cfg.loss_fn.scores_sampled_token,
+                topk=cfg.loss_fn.teacher_k(cfg.distillation.topk_logits_k),
                 chunk_size=chunk, mb_tokens=mb_tokens, max_seq_len=t.max_total_sequence_length)
+
+
+def teacher_temperature(cfg: SluiceConfig) -> float:
+    """What the teacher divides its logits by, as in the fork: teacher.generation.temperature
+    when the teacher has a generation section; none (1.0) when it is null. The student's
+    sampling temperature never scales the teacher."""
+    gen = cfg.teacher.generation
+    t = 1.0 if gen is None else float(gen.temperature)
+    assert t > 0, t  # config_check._check_generation
+    return t
 
 
 def compute_dtype(cfg: SluiceConfig, device: torch.device) -> torch.dtype:
@@ -365,7 +383,7 @@ def _score_batches(
             # FSDP's per-layer all-gathers are collectives: match the other ranks' forwards.
             dummy = torch.full((1, 1), teacher.pad_id, dtype=torch.int64, device=teacher.device)
             empty = torch.zeros(0, dtype=torch.int64, device=teacher.device)
-            teacher.scorer(dummy, empty, empty, **kwargs)
+            teacher.scorer(dummy, empty, empty, **kwargs, targets=empty if teacher.sampled else None)
             continue
         batch = mine[rank][i]
         results.update(_score_batch(teacher, batch, prompts, responses, seq_len[batch[0]], kwargs))
@@ -392,9 +410,10 @@ def _score_batch(teacher: Teacher, batch: list[int], prompts: list[torch.Tensor]
         start = len(prompts[r]) - 1
         rows_idx.append(torch.full((len(responses[r]),), b, dtype=torch.int64))
         pos_idx.append(torch.arange(start, start + len(responses[r])))
+    targets = torch.cat([responses[r] for r in batch]).to(teacher.device) if teacher.sampled else None
     values, ids = teacher.scorer(
         input_ids.to(teacher.device), torch.cat(rows_idx).to(teacher.device),
-        torch.cat(pos_idx).to(teacher.device), **kwargs)
+        torch.cat(pos_idx).to(teacher.device), **kwargs, targets=targets)
     values, ids = values.cpu(), ids.to("cpu", torch.int32)
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     offset = 0

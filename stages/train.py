@@ -421,7 +421,7 @@ class Trainer:
                     logits, mb.topk_ids, mb.topk_logprobs,
                     torch.ones(mb.rows.shape[0], dtype=torch.bool, device=d.device), n_valid,
                     kl_type=self.cfg.loss_fn.kl_type, mixed_kl_weight=self.cfg.loss_fn.mixed_kl_weight,
-                    zero_outside_topk=self.cfg.loss_fn.zero_outside_topk,
+                    zero_outside_topk=self.cfg.loss_fn.zero_outside_topk, jsd_beta=self.cfg.loss_fn.jsd_beta,
                     temperature=self.temperature, chunk_size=p.logprob_chunk_size or DEFAULT_LOSS_CHUNK)
                 m["tokens"] = torch.tensor(mb.tokens)
                 sums += torch.stack([m[k].to(sums) for k in METRICS])

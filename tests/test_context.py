@@ -61,7 +61,8 @@ def test_static_trace_from_dataset_column(tokenizer):
 
 def test_known_cases_give_exact_metrics(tokenizer):
     # Teacher budget 120 tokens: long traces must be truncated, an overlong response dropped.
-    cfg, b = make_builder(tokenizer, "teacher.max_total_sequence_length=120")
+    cfg, b = make_builder(tokenizer, "teacher.max_total_sequence_length=120",
+                          "distillation.context_distillation.overflow_policy=shorten_trace")
     short = tokenizer("The answer is 5.", add_special_tokens=False)["input_ids"]
     long_trace = " ".join(f"step {i} adds one more" for i in range(60))
     cases = [
@@ -119,3 +120,119 @@ def test_missing_trace_drop_policy(tokenizer):
     assert m["context_distillation_dropped_samples"] == 1.0
     assert m["context_distillation_valid_samples"] == 1.0
     assert m["context_distillation_trace_coverage"] == 0.5
+
+
+# The teacher prompt of "What is 9 + 9?" with the trace "9 + 9 = 18" through the tiny
+# tokenizer's chat template: 61 ids, '<|im_start|>user\nYou are given a problem and a trace:
+# What is 9 + 9? + 9 + 9 = 18. Solve it on your own.<|im_end|>\n<|im_start|>assistant\n'.
+NINE_PROMPT = [508, 350, 198, 337, 322, 304, 72, 298, 77, 256, 450, 366, 418, 76, 317, 256, 261,
+               81, 64, 363, 25, 220, 287, 269, 220, 24, 295, 220, 24, 30, 295, 220, 24, 295, 220,
+               24, 343, 220, 16, 23, 13, 220, 50, 365, 298, 260, 83, 446, 220, 88, 316, 81, 220,
+               277, 77, 13, 509, 198, 508, 338, 198]
+NINE_TRACE = "9 + 9 = 18"
+
+
+def nine(b, n_response):
+    """The 9 + 9 sample with a response of n_response ids (the builder never reads them)."""
+    return b.build("What is 9 + 9?", list(range(300, 300 + n_response)), f"<think>{NINE_TRACE}</think> 18")
+
+
+def test_overflow_policies_keep_what_their_names_say(tokenizer):
+    # teacher.max_total_sequence_length=66 and a 10-token response: the prompt's budget is 56,
+    # 5 ids short of the 61 the full prompt needs.
+    cut = {}
+    for policy in ("truncate_prefix_only", "truncate_prefix_from_end", "shorten_trace"):
+        _, b = make_builder(tokenizer, "teacher.max_total_sequence_length=66",
+                            f"distillation.context_distillation.overflow_policy={policy}")
+        assert b.render("What is 9 + 9?", NINE_TRACE) == NINE_PROMPT
+        cut[policy] = nine(b, 10)
+        assert cut[policy].truncated and cut[policy].drop_reason is None
+        assert cut[policy].trace_found and cut[policy].trace_tokens == 8
+
+    # The fork's truncate_prefix_only: the last 56 ids; the first 5 ("<|im_start|>user\nYou are")
+    # are gone, the template's closing part is kept.
+    ids = cut["truncate_prefix_only"].ids
+    assert ids == [304, 72, 298, 77, 256, 450, 366, 418, 76, 317, 256, 261, 81, 64, 363, 25, 220,
+                   287, 269, 220, 24, 295, 220, 24, 30, 295, 220, 24, 295, 220, 24, 343, 220, 16,
+                   23, 13, 220, 50, 365, 298, 260, 83, 446, 220, 88, 316, 81, 220, 277, 77, 13,
+                   509, 198, 508, 338, 198]
+    assert tokenizer.decode(ids) == (" given a problem and a trace: What is 9 + 9? + 9 + 9 = 18. "
+                                     "Solve it on your own.<|im_end|>\n<|im_start|>assistant\n")
+
+    # The fork's truncate_prefix_from_end: the first 56 ids; the last 5 (the end of the user
+    # turn and the assistant header) are gone.
+    ids = cut["truncate_prefix_from_end"].ids
+    assert ids == [508, 350, 198, 337, 322, 304, 72, 298, 77, 256, 450, 366, 418, 76, 317, 256,
+                   261, 81, 64, 363, 25, 220, 287, 269, 220, 24, 295, 220, 24, 30, 295, 220, 24,
+                   295, 220, 24, 343, 220, 16, 23, 13, 220, 50, 365, 298, 260, 83, 446, 220, 88,
+                   316, 81, 220, 277, 77, 13]
+    assert tokenizer.decode(ids) == ("<|im_start|>user\nYou are given a problem and a trace: "
+                                     "What is 9 + 9? + 9 + 9 = 18. Solve it on your own.")
+
+    # Sluice's shorten_trace: the trace cut to "9 +" and the prompt re-rendered: 55 ids, the
+    # template whole.
+    ids = cut["shorten_trace"].ids
+    assert ids == [508, 350, 198, 337, 322, 304, 72, 298, 77, 256, 450, 366, 418, 76, 317, 256,
+                   261, 81, 64, 363, 25, 220, 287, 269, 220, 24, 295, 220, 24, 30, 295, 220, 24,
+                   295, 13, 220, 50, 365, 298, 260, 83, 446, 220, 88, 316, 81, 220, 277, 77, 13,
+                   509, 198, 508, 338, 198]
+    assert tokenizer.decode(ids) == ("<|im_start|>user\nYou are given a problem and a trace: "
+                                     "What is 9 + 9? + 9 +. Solve it on your own.<|im_end|>\n"
+                                     "<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("policy,truncated,valid,dropped_no_budget", [
+    # Responses of 5, 10, 16, 66 and 67 ids against teacher.max_total_sequence_length=66:
+    # budgets 61 (fits exactly), 56 (cut), 50 (below the 53 ids of the prompt with an empty
+    # trace), 0 (no room) and -1 (response too long).
+    ("truncate_prefix_only", [False, True, True], 3, 1),
+    ("truncate_prefix_from_end", [False, True, True], 3, 1),
+    ("shorten_trace", [False, True], 2, 2),   # the 16-id response cannot fit even without a trace
+])
+def test_overflow_policies_drop_and_count_truthfully(tokenizer, policy, truncated, valid, dropped_no_budget):
+    _, b = make_builder(tokenizer, "teacher.max_total_sequence_length=66",
+                        f"distillation.context_distillation.overflow_policy={policy}")
+    tps = [nine(b, n) for n in (5, 10, 16, 66, 67)]
+    kept = [tp for tp in tps if tp.drop_reason is None]
+    assert [tp.truncated for tp in kept] == truncated
+    # Prompt + response is exactly the limit whenever the prompt was cut by a fork policy.
+    assert [len(tp.ids) for tp in kept] == {"truncate_prefix_only": [61, 56, 50],
+                                            "truncate_prefix_from_end": [61, 56, 50],
+                                            "shorten_trace": [61, 55]}[policy]
+    assert tps[0].ids == NINE_PROMPT
+    assert [tp.drop_reason for tp in tps[3:]] == ["no_prefix_budget", "too_long_response"]
+    if policy == "truncate_prefix_only":
+        assert tps[2].ids == NINE_PROMPT[-50:] and tps[2].ids[:3] == [366, 418, 76]
+    elif policy == "truncate_prefix_from_end":
+        assert tps[2].ids == NINE_PROMPT[:50] and tps[2].ids[-3:] == [446, 220, 88]
+    else:
+        assert tps[2].ids is None and tps[2].drop_reason == "no_prefix_budget"
+
+    m = metrics(count(tps))
+    n_truncated = sum(truncated)
+    assert m["context_distillation_valid_samples"] == float(valid)
+    assert m["context_distillation_prefix_truncation_count"] == float(n_truncated)
+    assert m["context_distillation_prefix_truncation_rate"] == pytest.approx(n_truncated / valid)
+    assert m["context_distillation_dropped_samples"] == float(5 - valid)
+    assert m["context_distillation_dropped_no_prefix_budget"] == float(dropped_no_budget)
+    assert m["context_distillation_dropped_too_long_response"] == 1.0
+    assert m["context_distillation_dropped_invalid_message"] == 0.0
+    assert m["context_distillation_dropped_missing_trace"] == 0.0
+    # The trace is counted before the length checks, under every policy.
+    assert m["context_distillation_trace_coverage"] == 1.0
+    assert m["context_distillation_trace_mean_chars"] == 10.0
+    assert m["context_distillation_trace_mean_tokens"] == 8.0
+
+
+def test_recipes_ported_from_the_fork_use_its_overflow_policy():
+    from shared.config import ContextDistillationConfig
+
+    # The fork's default and every one of its context-self recipes: truncate_prefix_only.
+    assert ContextDistillationConfig().overflow_policy == "truncate_prefix_only"
+    for recipe in ("context-self-qwen3-0.6b", "context-self-qwen3-1.7b-16k", "context-self-qwen3-4b-16k",
+                   "context-self-qwen3-8b-16k", "context-self-qwen3-14b-16k"):
+        cfg, _ = load(recipe)
+        assert cfg.distillation.context_distillation.overflow_policy == "truncate_prefix_only", recipe
+    # Sluice's own smoke keeps Sluice's policy.
+    cfg, _ = load("smoke-self")
+    assert cfg.distillation.context_distillation.overflow_policy == "shorten_trace"

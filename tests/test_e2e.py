@@ -331,6 +331,37 @@ def test_resubmit_wait_fails_when_its_job_dies(local_run):
 # ---------------------------------------------------------------------------- local Slurm cluster
 
 
+@pytest.mark.parametrize("kl_type", ["jsd", "sampled_reverse"])
+def test_smoke_trains_on_the_other_loss_families(kl_type, tmp_path):
+    """The smoke run end to end with GKD's JSD and with the sampled-token reverse KL. With
+    sampled_reverse the teacher stores one entry per response token: the sampled token itself
+    (topk k = 1) and its teacher log-prob."""
+    from shared.queue import StageQueue
+    from shared.rundir import RunDir
+
+    run_dir = tmp_path / kl_type
+    res = launch(run_dir, "smoke", f"loss_fn.kl_type={kl_type}", timeout_s=600)
+    check_rc(res, run_dir)
+    assert_all_steps_complete(run_dir)
+    rd = RunDir(run_dir)
+    scored = StageQueue(rd, 1, "scored")
+    for k in scored.committed():
+        table = scored.read(k)
+        ids = table.column("teacher_topk_ids").to_pylist()
+        lps = table.column("teacher_topk_logprobs").to_pylist()
+        responses = table.column("response_ids").to_pylist()
+        masks = table.column("sample_mask").to_pylist()
+        assert any(masks), "every row dropped"
+        for row_ids, row_lps, resp, keep in zip(ids, lps, responses, masks):
+            if not keep:
+                continue
+            if kl_type == "sampled_reverse":
+                assert [entry for [entry] in row_ids] == resp
+            else:
+                assert all(len(entry) == 16 for entry in row_ids)  # smoke: topk_logits_k=16
+            assert all(-1e4 <= v <= 0 for entry in row_lps for v in entry)
+
+
 @pytest.mark.slurm
 def test_slurm_smoke_isolates_roles_on_three_nodes(slurm_cluster, tmp_path):
     from tools import local_slurm

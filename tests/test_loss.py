@@ -240,3 +240,123 @@ def test_two_gloo_ranks_match_one_rank(tmp_path: Path):
         torch.testing.assert_close(res["weight"], gw, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(res["bias"], gb, atol=1e-5, rtol=1e-5)
         assert gw.abs().max() > 1e-3  # the gradients are not trivially zero
+
+
+# ------------------------------------------------------------------ GKD's generalized JSD
+
+
+def reference_jsd_token(logits_row, ids, vals, beta, zero_outside_topk, temperature):
+    """GKD (Agarwal et al. 2024, eq. for JSD(beta)): beta KL(P || M) + (1 - beta) KL(Q || M),
+    M = beta P + (1 - beta) Q, P the teacher, Q the student, as full-vocabulary float64
+    distributions: the teacher renormalised over its top-k and 0 elsewhere; the student over
+    the top-k only, or (zero_outside_topk) over the whole vocabulary. Terms with a zero
+    probability contribute 0."""
+    ids = [int(i) for i in ids]
+    vocab = logits_row.shape[0]
+    teacher = torch.zeros(vocab, dtype=torch.float64)
+    teacher[ids] = torch.softmax(vals.double(), dim=0)
+    z = logits_row / temperature
+    if zero_outside_topk:
+        student = torch.softmax(z, dim=0)
+    else:
+        student = torch.zeros(vocab, dtype=torch.float64)
+        student[ids] = torch.softmax(z[ids], dim=0)
+    mix = beta * teacher + (1 - beta) * student
+
+    def kl(a, b):
+        return sum(a[v] * (a[v].log() - b[v].log()) for v in range(vocab) if a[v] > 0)
+
+    return beta * kl(teacher, mix) + (1 - beta) * kl(student, mix)
+
+
+@pytest.mark.parametrize("zero_outside_topk", [False, True])
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_matches_the_gkd_definition_with_grads(beta, zero_outside_topk):
+    student, ids, vals, valid = make_batch()
+    n_global = valid.sum() + 3  # global-token normalisation: other ranks hold 3 more tokens
+    x = student.clone().requires_grad_(True)
+    loss, metrics = distillation_loss(x, ids, vals, valid, n_global, kl_type="jsd", jsd_beta=beta,
+                                      zero_outside_topk=zero_outside_topk, temperature=T, chunk_size=4)
+    loss.backward()
+
+    xr = student.clone().requires_grad_(True)
+    fl, fi, fv, fm = flat(xr, ids, vals, valid)
+    ref = sum(reference_jsd_token(fl[t], fi[t], fv[t], beta, zero_outside_topk, T)
+              for t in range(fl.shape[0]) if fm[t] != 0) / n_global
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-10, (loss.item(), ref.item())
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-10, rtol=1e-8)
+    assert (x.grad[valid == 0] == 0).all()
+    assert abs(metrics["loss_sum"].item() - ref.item() * n_global.item()) < 1e-9
+
+
+def test_jsd_worked_example():
+    """Teacher (0.5, 0.5) and student (0.9, 0.1) over the same two ids, beta 0.5: M = (0.7,
+    0.3); 0.5 (0.5 ln(0.5/0.7) + 0.5 ln(0.5/0.3)) + 0.5 (0.9 ln(0.9/0.7) + 0.1 ln(0.1/0.3))."""
+    logits = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)
+    logits[0, 1] = torch.log(torch.tensor(9.0, dtype=torch.float64))  # student 0.9 / 0.1 over ids
+    ids = torch.tensor([[1, 0]])
+    vals = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)  # renormalised: 0.5, 0.5
+    loss, _ = distillation_loss(logits, ids, vals, torch.ones(1), 1, kl_type="jsd", jsd_beta=0.5)
+    assert abs(loss.item() - 0.10174922507919676) < 1e-12, loss.item()
+
+
+def test_jsd_of_identical_distributions_is_zero():
+    student, ids, _, valid = make_batch()
+    vals = torch.gather(student / T, -1, ids)  # the teacher's top-k values = the student's
+    loss, _ = distillation_loss(student, ids, vals, valid, valid.sum(), kl_type="jsd",
+                                jsd_beta=0.3, temperature=T)
+    assert abs(loss.item()) < 1e-12
+
+
+# ------------------------------------------------------- the sampled-token reverse KL
+
+
+def test_sampled_reverse_is_the_on_policy_distillation_estimator_with_grads():
+    """Per token, y the student's sampled token: r = log p_student(y) - log p_teacher(y)
+    (student over the full vocabulary at temperature T); loss = sum of r over valid tokens /
+    the global count; gradient = sum of stop_grad(r) * d log p_student(y) / the global count."""
+    student, _, _, valid = make_batch()
+    g = torch.Generator().manual_seed(5)
+    vocab = student.shape[-1]
+    sampled = torch.randint(0, vocab, student.shape[:-1] + (1,), generator=g)
+    teacher_lp = torch.log_softmax(torch.randn(student.shape, generator=g, dtype=torch.float64), -1)
+    t_vals = teacher_lp.gather(-1, sampled)
+    t_vals[valid == 0] = float("nan")  # garbage where nothing counts
+    n_global = valid.sum() + 3
+    x = student.clone().requires_grad_(True)
+    loss, metrics = distillation_loss(x, sampled, t_vals, valid, n_global, kl_type="sampled_reverse",
+                                      temperature=T, chunk_size=4)
+    loss.backward()
+
+    xr = student.clone().requires_grad_(True)
+    log_p = torch.log_softmax(xr / T, dim=-1).gather(-1, sampled)[..., 0]
+    r = log_p - teacher_lp.gather(-1, sampled)[..., 0]
+    keep = valid != 0
+    ref_value = r[keep].sum() / n_global
+    (r.detach()[keep] * log_p[keep]).sum().div(n_global).backward()
+    assert abs(loss.item() - ref_value.item()) < 1e-10
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-10, rtol=1e-8)
+    assert (x.grad[valid == 0] == 0).all()
+    assert abs(metrics["reverse_kl_sum"].item() - r[keep].sum().item()) < 1e-9
+    assert abs(metrics["student_topk_mass_sum"].item() - log_p[keep].exp().sum().item()) < 1e-9
+
+
+def test_sampled_reverse_worked_example():
+    """Student (0.5, 0.3, 0.2), sampled token 0, teacher log-prob ln 0.25: r = ln 2; the
+    gradient of the logits is ln 2 * (onehot(0) - (0.5, 0.3, 0.2))."""
+    probs = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
+    x = probs.log().requires_grad_(True)
+    t = torch.tensor([[0.25]], dtype=torch.float64).log()
+    loss, _ = distillation_loss(x, torch.tensor([[0]]), t, torch.ones(1), 1, kl_type="sampled_reverse")
+    loss.backward()
+    ln2 = 0.6931471805599453
+    assert abs(loss.item() - ln2) < 1e-12
+    torch.testing.assert_close(x.grad, ln2 * torch.tensor([[0.5, -0.3, -0.2]], dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+
+
+def test_sampled_reverse_refuses_a_top_k():
+    student, ids, vals, valid = make_batch()
+    with pytest.raises(ValueError, match="one teacher log-prob per token"):
+        distillation_loss(student, ids, vals, valid, valid.sum(), kl_type="sampled_reverse")

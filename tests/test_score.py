@@ -35,8 +35,8 @@ from stages import score
 
 REPO = Path(__file__).resolve().parents[1]
 N_SHARDS = 3
-# A temperature != 1, so that a missing or doubled division shows.
-OVERRIDES = ["policy.generation.temperature=0.7"]
+# A teacher temperature != 1, so that a missing or doubled division shows.
+OVERRIDES = ["teacher.generation.temperature=0.7"]
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -167,6 +167,51 @@ def test_chunked_topk_equals_full_forward(teacher64, chunk_size, mb_tokens):
         values, ids = reference_topk(t, prompts[r], responses[r])
         assert torch.equal(scores.ids[sl].long(), ids), f"row {r}"
         torch.testing.assert_close(scores.logprobs[sl], values, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, divisor", [
+    (["policy.generation.temperature=0.6"], 1.0),  # teacher.generation null: never scaled
+    (["policy.generation.temperature=0.6", "teacher.generation.temperature=0.7"], 0.7),
+], ids=["teacher-generation-null", "teacher-generation-set"])
+def test_teacher_temperature_is_the_teachers_own_as_in_the_fork(tiny_dir, overrides, divisor):
+    """The fork divides the teacher's logits only by teacher.generation.temperature, and not at
+    all when the teacher has no generation section; the student's sampling temperature (0.6
+    here) never reaches the teacher."""
+    t = score.load_teacher(load("smoke", overrides)[0], torch.device("cpu"))
+    t = replace(t, scorer=score.Scorer(copy.deepcopy(t.lm).double()))
+    prompt, response = [5, 6, 7, 8], [9, 10, 11, 12, 13]
+    scores = score.score_rows(t, [prompt], [response])
+    with torch.no_grad():
+        logits = t.lm(torch.tensor([prompt + response])).logits[0]
+    positions = len(prompt) - 1 + torch.arange(len(response))
+    values, ids = torch.log_softmax(logits[positions] / divisor, dim=-1).topk(t.topk, dim=-1)
+    assert torch.equal(scores.ids.long(), ids)
+    torch.testing.assert_close(scores.logprobs, values.float(), rtol=0, atol=1e-5)
+
+
+def test_sampled_reverse_scores_each_response_token_itself(teacher64):
+    """loss_fn.kl_type=sampled_reverse: one log-prob per response token, that of the student's
+    own sampled token (no top-k): ids = the response, values = the full-vocabulary log-softmax
+    of the teacher (at its temperature) there."""
+    t = replace(teacher64, sampled=True, topk=1, chunk_size=3)
+    prompts, responses = random_rows(3, 4)
+    scores = score.score_rows(t, prompts, responses)
+    assert scores.ids.shape == (sum(map(len, responses)), 1)
+    for r, sl in enumerate(row_slices(scores.lengths)):
+        with torch.no_grad():
+            logits = t.lm(torch.tensor([prompts[r] + responses[r]])).logits[0]
+        positions = len(prompts[r]) - 1 + torch.arange(len(responses[r]))
+        want = torch.log_softmax(logits[positions] / t.temperature, -1)
+        resp = torch.tensor(responses[r])
+        assert torch.equal(scores.ids[sl, 0].long(), resp), f"row {r}"
+        torch.testing.assert_close(scores.logprobs[sl, 0], want[torch.arange(len(resp)), resp].float(),
+                                   rtol=0, atol=1e-5)
+
+
+def test_sampled_reverse_teacher_settings(tiny_dir):
+    cfg = load("smoke", ["loss_fn.kl_type=sampled_reverse"])[0]
+    t = score.load_teacher(cfg, torch.device("cpu"))
+    assert t.sampled and t.topk == 1
 
 
 def test_response_token_i_is_scored_at_teacher_position(teacher64):
