@@ -293,15 +293,26 @@ def compare_losses(out: dict, teacher, tokenizer, builder, problems, cfg, start:
             {"name": f"{label}: teacher-stage time per step", "value": round(r["teacher_s_per_step"], 2),
              "unit": "s", "baseline": None, "ratio": None, "target": "report"},
         ])
-    out.setdefault("notes", []).append(
-        f"Which loss teaches fastest: {steps} steps per loss_fn.kl_type from the same random "
-        f"student, same data, seed and settings as the check above (jsd_beta "
-        f"{cfg.loss_fn.jsd_beta}; sampled_reverse scores one log-prob per token, no top-k). "
-        "Baseline = the student at the start. " + "; ".join(
-            f"{r['kl_type']}: KL {r['reverse_kl']:.3f}, accuracy {r['accuracy']:.3f}, "
-            f"{r['scored_bytes_per_step'] / 2**20:.2f} MiB and {r['teacher_s_per_step']:.1f} s "
-            f"teacher per step, run {r['wall_s']:.0f} s" for r in rows) + ".")
+    out.setdefault("notes", []).append(loss_table(rows, steps, start, cfg.loss_fn.jsd_beta))
     out["learn_by_loss"] = rows
+
+
+def loss_table(rows: List[dict], steps: int, start: dict, jsd_beta: float) -> str:
+    """The comparison of loss types as a markdown table (a note of BENCHMARKS.md)."""
+    lines = [f"Which loss teaches fastest: {steps} steps per loss_fn.kl_type from the same random "
+             f"student (held-out reverse KL {start['reverse_kl']:.3f}, accuracy "
+             f"{start['accuracy']:.3f}), same data, seed and settings as the check above "
+             f"(jsd_beta {jsd_beta}; sampled_reverse: the teacher scores one log-prob per token, "
+             "no top-k). The learn recipe's tuning notes (conf/learn.yaml) explain why losses "
+             "led by the reverse KL struggle on this saturated random student.",
+             "",
+             "| kl_type | held-out reverse KL | exact match | teacher MiB / step | "
+             "teacher s / step | run s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['kl_type']} | {r['reverse_kl']:.3f} | {r['accuracy']:.3f} | "
+              f"{r['scored_bytes_per_step'] / 2**20:.2f} | {r['teacher_s_per_step']:.1f} | "
+              f"{r['wall_s']:.0f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def run(out: dict, overrides: Sequence[str] = (), run_dir: Optional[Path] = None,

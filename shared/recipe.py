@@ -182,10 +182,15 @@ def load(conf: str, overrides: Sequence[str] = ()) -> Tuple[SluiceConfig, DictCo
         # Sluice's recipes stay reachable from a user's YAML elsewhere (defaults: [qwen3-14b-4b]).
         search = [f"hydra.searchpath=[file://{CONF_DIR}]"] if config_dir != CONF_DIR else []
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            base = compose(config_name=name, overrides=search)
-            late = [o for o in overrides if _null_section(base, o.split("=", 1)[0]) is not None]
-            node = compose(config_name=name,
-                           overrides=search + [o for o in overrides if o not in late])
+            try:
+                node, late = compose(config_name=name, overrides=search + list(overrides)), []
+            except AssertionError:
+                # An override below a section the recipe leaves null (teacher.generation):
+                # compose without those, then create the section and set them.
+                base = compose(config_name=name, overrides=search)
+                late = [o for o in overrides if _null_section(base, o.split("=", 1)[0])]
+                node = compose(config_name=name,
+                               overrides=search + [o for o in overrides if o not in late])
         _fill_null_sections(node, late)
         OmegaConf.resolve(node)
         typed = OmegaConf.to_object(node)
