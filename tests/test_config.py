@@ -7,7 +7,6 @@ traceback, and nothing written to the run directory.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
