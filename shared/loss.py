@@ -74,20 +74,25 @@ class _FullVocabStats(torch.autograd.Function):
     Autograd of the plain expression would keep every chunk's [chunk, V] float32 softmax alive
     until backward; here backward recomputes them chunk by chunk instead:
         d lse / d z_u = s_u,    d neg_entropy / d z_u = s_u (log s_u - neg_entropy).
+    With `with_entropy` false only lse is computed (neg_entropy is returned as zeros): the
+    sampled-token loss needs the normaliser alone.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, temperature: float, chunk: int, compute_dtype):
+    def forward(ctx, logits: torch.Tensor, temperature: float, chunk: int, compute_dtype,
+                with_entropy: bool):
         n = logits.shape[0]
         lse = torch.empty(n, dtype=compute_dtype, device=logits.device)
-        neg_entropy = torch.empty_like(lse)
+        neg_entropy = torch.zeros_like(lse)
         for start in range(0, n, chunk):
             z = logits[start:start + chunk].to(compute_dtype) / temperature
-            log_s = torch.log_softmax(z, dim=-1)
             lse[start:start + chunk] = torch.logsumexp(z, dim=-1)
-            neg_entropy[start:start + chunk] = (log_s.exp() * log_s).sum(-1)
+            if with_entropy:
+                log_s = torch.log_softmax(z, dim=-1)
+                neg_entropy[start:start + chunk] = (log_s.exp() * log_s).sum(-1)
         ctx.save_for_backward(logits, lse, neg_entropy)
         ctx.temperature, ctx.chunk, ctx.compute_dtype = temperature, chunk, compute_dtype
+        ctx.with_entropy = with_entropy
         return lse, neg_entropy
 
     @staticmethod
@@ -99,10 +104,11 @@ class _FullVocabStats(torch.autograd.Function):
             z = logits[sl].to(ctx.compute_dtype) / ctx.temperature
             log_s = z - lse[sl, None]
             s = log_s.exp()
-            g = s * (grad_lse[sl, None]
-                     + (log_s - neg_entropy[sl, None]) * grad_neg_entropy[sl, None])
+            g = s * grad_lse[sl, None]
+            if ctx.with_entropy:
+                g = g + s * (log_s - neg_entropy[sl, None]) * grad_neg_entropy[sl, None]
             grad[sl] = (g / ctx.temperature).to(logits.dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def distillation_loss(
@@ -203,7 +209,7 @@ def _student_log_probs(logits: torch.Tensor, ids: torch.Tensor, compute_dtype, t
     z_topk = logits.gather(-1, ids).to(compute_dtype) / temperature
     if zero_outside_topk:
         lse, neg_entropy = _FullVocabStats.apply(logits, float(temperature), int(chunk_size),
-                                                 compute_dtype)
+                                                 compute_dtype, True)
         return z_topk - lse[:, None], neg_entropy
     return torch.log_softmax(z_topk, dim=-1), None
 
@@ -260,7 +266,7 @@ def _sampled_reverse(logits, ids, t_vals, valid, num_valid_tokens_global, comput
                          f"sampled token's), got {ids.shape[-1]}; the teacher stage of a "
                          "sampled_reverse run scores only the sampled token")
     z = logits.gather(-1, ids).to(compute_dtype)[:, 0] / temperature
-    lse, _ = _FullVocabStats.apply(logits, float(temperature), int(chunk_size), compute_dtype)
+    lse, _ = _FullVocabStats.apply(logits, float(temperature), int(chunk_size), compute_dtype, False)
     log_p = z - lse  # log p_student(y), full vocabulary
     t = torch.where(valid, t_vals[:, 0].to(compute_dtype), 0.0).clamp_min(_TEACHER_LOGPROB_FLOOR)
     penalty = (log_p - t).detach()

@@ -36,8 +36,8 @@ from typing import Dict, List, Tuple
 
 from shared.config import SluiceConfig
 from shared.errors import config_error
-from shared.pipeline import PLACEMENT_ORDER as ROLES  # the order roles take nodes in
-from shared.pipeline import ROLE
+# ROLES: the order in which roles take nodes.
+from shared.pipeline import PLACEMENT_ORDER as ROLES, ROLE
 
 
 

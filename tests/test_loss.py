@@ -193,7 +193,7 @@ def test_full_vocab_stats_gradcheck():
     g = torch.Generator().manual_seed(5)
     logits = (2 * torch.randn(5, 11, generator=g, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda x: _FullVocabStats.apply(x, 0.7, 2, torch.float64), (logits,))
+        lambda x: _FullVocabStats.apply(x, 0.7, 2, torch.float64, True), (logits,))
 
 
 def test_all_masked_batch_is_zero_not_nan():
