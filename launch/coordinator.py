@@ -696,6 +696,8 @@ class Coordinator:
             return
         row = step_metrics(self.rd, step, self.cfg)
         append_metrics(self.rd, row)
+        for stage in ("prompts", *WORKER_STAGES):  # the step is done: its summaries are final
+            StageQueue(self.rd, step, stage).refresh_manifest()
         self._logged.add(step)
         if self.logger is not None:
             self.logger.log(row, step=step)
@@ -723,8 +725,9 @@ class Coordinator:
         for stage in ("prompts", "rollouts", "scored"):
             q = StageQueue(self.rd, step, stage)
             expected = q.expected()
-            rows = sum(r.get("rows", 0) for r in q.committed().values())
-            counts.append(f"{stage} {len(q.committed())}/{expected or '?'} ({rows} rows)")
+            committed = q.committed(fast=True)
+            rows = sum(r.get("rows", 0) for r in committed.values())
+            counts.append(f"{stage} {len(committed)}/{expected or '?'} ({rows} rows)")
         line = f"step {step}/{self.state['total_steps']}: " + " | ".join(counts)
         if line != self._last_progress:
             self._last_progress = line
@@ -784,6 +787,9 @@ class Coordinator:
                     self.event("validated", **row)
                 if trained >= total and self.validation.done(total):
                     break
+                # Prompts one step beyond what generation may start now (steps up to trained
+                # + 1 + max_staleness): the next step's are ready when its weights land, so the
+                # coordinator's own poll is never on a hand-off's path.
                 ahead = 1 + self.cfg.distillation.max_staleness
                 for t in range(trained + 1, min(total, trained + 1 + ahead) + 1):
                     self.write_prompts(t)

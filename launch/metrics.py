@@ -82,11 +82,27 @@ def step_metrics(rd: RunDir, step: int, cfg) -> dict:
     timing = train.get("timing", {})
     for key, val in timing.items():
         row[f"timing/training_{key}"] = val
-    train_path = rd.train_record(step)
-    if "prompts" in windows and train_path.exists():
-        # From the step's prompts being written to its training result (wall clock).
-        row["timing/step"] = train_path.stat().st_mtime - windows["prompts"]["start"]
+    row.update(step_times(rd, step, windows.get("prompts", {}).get("start")))
     return row
+
+
+def step_times(rd: RunDir, step: int, prompts_written: Optional[float]) -> Dict[str, float]:
+    """timing/step: seconds between the ends (training results) of step - 1 and `step`, what
+    a step costs in a pipeline where steps overlap (absent for a run's first step);
+    timing/step_latency: from the writing of the step's prompts (done ahead, while earlier
+    steps train) to its training result, how long one step's samples take to be trained on."""
+    out: Dict[str, float] = {}
+    try:
+        end = rd.train_record(step).stat().st_mtime
+    except FileNotFoundError:
+        return out
+    if prompts_written is not None:
+        out["timing/step_latency"] = end - prompts_written
+    try:
+        out["timing/step"] = end - rd.train_record(step - 1).stat().st_mtime if step > 1 else None
+    except FileNotFoundError:
+        pass
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def summary(rd: RunDir, elapsed_s: float) -> str:

@@ -656,7 +656,12 @@ class QueueConfig:
     heartbeat_s: float = 15.0
     """How often a worker refreshes its claims."""
     poll_s: float = 0.5
-    """How often workers and the coordinator look for new shards."""
+    """The longest pause between a waiting worker's (or the coordinator's) looks for new
+    shards or weights."""
+    fast_poll_s: float = 0.02
+    """The shortest pause between looks, used while what a worker waits for is due (its
+    producer's claim plus the producer's typical time per shard): hand-offs then take about
+    this long without every waiter looking this often (shared/waiting.py)."""
     prompts_per_shard: int = 0
     """Prompts per prompts shard (0: one shard per generation engine)."""
     compression: Optional[Annotated[str, Compression]] = None

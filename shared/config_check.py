@@ -419,6 +419,10 @@ def _check_queue(q: QueueConfig) -> None:
                            problem=f"must exceed twice queue.heartbeat_s ({q.heartbeat_s}) "
                            "so a live worker's claim is never taken as stale",
                            fix="raise queue.lease_s or lower queue.heartbeat_s")
+    if not 0 < q.fast_poll_s <= q.poll_s:
+        raise config_error("queue.fast_poll_s", value=q.fast_poll_s,
+                           problem=f"must be above 0 and at most queue.poll_s ({q.poll_s})",
+                           fix="set queue.fast_poll_s between 0.01 and queue.poll_s")
 
 
 def _check_models(cfg: SluiceConfig, required: bool) -> None:

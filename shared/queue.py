@@ -24,6 +24,11 @@ On-disk layout of one stage directory, ``RUN_DIR/steps/<step:06d>/<stage>/``:
     shard-00003.arrow.claim       a live claim: {"format": "sluice.claim/1", "claim_id", "index",
                                    "job_id", "task_id", "host", "pid", "claimed_at", "heartbeat"}
     EXPECTED.json                 {"format": "sluice.expected/1", "expected": 8}, set once
+    COMMITS.log                   the stage's change journal, one line per change:
+                                  "+3 <commit_id>" after shard 3's record is written,
+                                  "-3 <commit_id>" before a record is removed (quarantine);
+                                  a hint for followers (``committed(fast=True)``), never the
+                                  truth: the records are
     MANIFEST.json                 summary derived from EXPECTED.json and every commit record:
                                   {"format": "sluice.manifest/1", "step", "stage", "expected",
                                    "committed": {"shard-00003.arrow": <record>, ...},
@@ -43,20 +48,28 @@ Commit protocol (why each step is there):
      Data before record: a writer killed between 3 and 4 leaves an unrecorded file that is
      simply redone. (Should a machine crash persist the record's rename but not the data's,
      the checksum catches it: the shard is quarantined and redone.)
-  5. Refresh MANIFEST.json (atomic replace, not fsync'd: it is derived, see below).
+  5. Append "+<index> <commit_id>" to COMMITS.log (one O_APPEND write, no fsync).
+A commit costs the same whatever the number of shards: it lists nothing and rewrites no
+summary (a manifest rebuilt from a scan at every commit made a step's commits quadratic).
 
-Why the manifest can never lose an entry: the records are the truth, one file per shard,
-each written by the only process that committed that shard, so concurrent commits never
-touch the same file. MANIFEST.json is only ever rebuilt from a directory scan of all
-records, never read-modify-written, and atomically replaced. A committer that replaced it
-rescans afterwards and rewrites until the scan equals what it wrote (stopping early if the
-file already equals its scan). So the last writer's last act is a scan taken after its
-replace that the file matches: every record written before that scan is in the file, and
-any record written after it belongs to a committer that refreshes after it. No lock is
-needed (flock is unreliable on some cluster filesystems). Readers that need the truth
-(``committed``, ``pending``, ``read``) use the records themselves. On filesystems whose
-directory listings can be stale across nodes (NFS attribute caching), ``verify`` rewrites a
-manifest that disagrees with the records.
+Following a stage without listing it: ``committed(fast=True)`` (and ``pending``,
+``is_complete``) keeps, per process and stage, what it has seen and the journal offset it
+read to; a look reads only the journal's new lines and the records they name (re-read: a
+line is a hint that something changed, the record says what), so a poll costs a stat while
+nothing changes and O(new commits) when something does, not a listing of thousands of
+files. The journal is a hint because appends from several nodes are not atomic everywhere
+(NFS): a full scan of the records reconciles every ``RESCAN_S`` seconds, when the journal
+was replaced or shrank, and whenever the truth is asked for (``fast=False``, the default).
+Removal logs before it unlinks, commit after it writes, so a process killed in between
+leaves a line whose record re-read still says the truth.
+
+MANIFEST.json is a summary for people and tools: written by ``expect``, by the coordinator
+once a stage is complete (``refresh_manifest``), by ``quarantine`` and by ``verify``; it may
+lag while a stage fills. It is only ever rebuilt from a scan of all records, never
+read-modify-written, and atomically replaced; a writer rescans after its replace and
+rewrites until the scan equals what it wrote, so concurrent refreshes never lose an entry.
+No lock is needed (flock is unreliable on some cluster filesystems). Readers that need the
+truth (``committed``, ``pending``, ``read``) use the records themselves.
 
 Claims: ``shard-XXXXX.arrow.claim`` created with O_CREAT|O_EXCL, so one creator wins. The
 holder keeps the file open and refreshes ``heartbeat`` by rewriting *its own open file*
@@ -89,11 +102,13 @@ ValueError.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import datetime
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -117,6 +132,9 @@ log = logging.getLogger("sluice.queue")
 
 MANIFEST = "MANIFEST.json"
 EXPECTED = "EXPECTED.json"
+JOURNAL = "COMMITS.log"
+# A follower of a stage (committed(fast=True)) rescans the records at least this often.
+RESCAN_S = 30.0
 QUARANTINE = "quarantine"
 RECORD_SUFFIX = ".meta.json"
 CLAIM_SUFFIX = ".claim"
@@ -426,6 +444,54 @@ def _displace(path: Path, seen: _ClaimSeen) -> bool:
     return False
 
 
+# --------------------------------------------------------------- following a stage
+
+
+class _Follower:
+    """What one process has seen of one stage: its records and how far it read the journal."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.journal_id: tuple | None = None  # (st_dev, st_ino) of the journal read
+        self.offset = 0  # journal bytes accounted for
+        self.known: dict[int, dict] = {}
+        self.scanned_at = -float("inf")  # time.monotonic() of the last full scan
+
+
+_FOLLOWERS: "collections.OrderedDict[str, _Follower]" = collections.OrderedDict()
+_FOLLOWERS_LOCK = threading.Lock()
+_MAX_FOLLOWED = 64  # stages followed per process (active steps x stages, with room)
+_JOURNAL_ENTRY = re.compile(rb"[+-](\d{1,9}) [0-9a-f]")
+
+
+def _follower(stage_dir: Path) -> _Follower:
+    key = str(stage_dir)
+    with _FOLLOWERS_LOCK:
+        f = _FOLLOWERS.get(key)
+        if f is None:
+            f = _FOLLOWERS[key] = _Follower()
+            while len(_FOLLOWERS) > _MAX_FOLLOWED:
+                _FOLLOWERS.popitem(last=False)
+        else:
+            _FOLLOWERS.move_to_end(key)
+        return f
+
+
+def _journal_changes(path: Path, start: int, end: int) -> tuple[set[int], int]:
+    """(shard indices named by the complete journal lines in bytes [start, end), bytes they
+    span). A line still being appended (no newline yet) is left for the next look."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except FileNotFoundError:
+        return set(), 0
+    used = data.rfind(b"\n") + 1
+    # Entries, not lines: two appends that interleaved (NFS) still name both shards.
+    touched = {int(m.group(1)) for m in _JOURNAL_ENTRY.finditer(data, 0, used)}
+    return {i for i in touched if i < MAX_SHARDS}, used
+
+
 # ----------------------------------------------------------------------- the queue
 
 
@@ -563,9 +629,47 @@ class StageQueue:
             del self._records_cache[name]
         return found
 
-    def committed(self) -> dict[int, dict]:
-        """Committed shards: index -> commit record."""
-        return dict(sorted(self._scan().items()))
+    def committed(self, fast: bool = False) -> dict[int, dict]:
+        """Committed shards: index -> commit record, from a scan of every record; ``fast``:
+        from this process's follower of the stage (the module docstring), for polling loops."""
+        return dict(sorted((self._follow() if fast else self._scan()).items()))
+
+    def _follow(self) -> dict[int, dict]:
+        """The follower's view of the records, brought up to date from the journal (or by a
+        full scan when one is due). The returned dict is the follower's own: do not modify."""
+        f = _follower(self.dir)
+        path = self.dir / JOURNAL
+        with f.lock:
+            try:
+                st = os.stat(path)
+                journal_id, size = (st.st_dev, st.st_ino), st.st_size
+            except FileNotFoundError:
+                journal_id, size = None, 0
+            now = time.monotonic()
+            if f.journal_id is None and journal_id is not None and f.offset == 0:
+                f.journal_id = journal_id  # the first commit since our scan: its lines are new
+            if journal_id != f.journal_id or size < f.offset or now - f.scanned_at > RESCAN_S:
+                # Lines appended from here on are read next time: replaying one is harmless.
+                f.journal_id, f.offset = journal_id, size
+                f.known, f.scanned_at = self._scan(), now
+            elif size > f.offset:
+                touched, used = _journal_changes(path, f.offset, size)
+                f.offset += used
+                for index in touched:
+                    record = self.record(index)
+                    if record is None:
+                        f.known.pop(index, None)
+                    else:
+                        f.known[index] = record
+            return f.known
+
+    def _journal(self, sign: str, index: int, commit_id: str) -> None:
+        """Append one change line to the stage's journal (a hint for followers: no fsync)."""
+        fd = os.open(self.dir / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{sign}{index} {commit_id}\n".encode())
+        finally:
+            os.close(fd)
 
     def record(self, index: int) -> dict | None:
         try:
@@ -574,17 +678,18 @@ class StageQueue:
             return None
         return rec if isinstance(rec, dict) else None
 
-    def pending(self) -> list[int]:
-        """Expected shards without a commit record (claimed or not), in index order."""
+    def pending(self, fast: bool = False) -> list[int]:
+        """Expected shards without a commit record (claimed or not), in index order
+        (``fast``: as this process's follower of the stage sees them)."""
         n = self.expected()
         if n is None:
             raise ValueError(f"{self.dir}: no {EXPECTED}; the coordinator calls expect(n_shards) first")
-        done = self._scan()
+        done = self._follow() if fast else self._scan()
         return [i for i in range(n) if i not in done]
 
-    def is_complete(self) -> bool:
+    def is_complete(self, fast: bool = False) -> bool:
         n = self.expected()
-        return n is not None and not self.pending()
+        return n is not None and not self.pending(fast)
 
     # -- manifest
     def _manifest_now(self) -> bytes:
@@ -610,6 +715,11 @@ class StageQueue:
             return _load_json(self.dir / MANIFEST)
         except ValueError:
             return None
+
+    def refresh_manifest(self) -> bool:
+        """Bring MANIFEST.json up to date with the records (the coordinator, once a stage is
+        complete); True if it was rewritten."""
+        return self._refresh_manifest()
 
     def _refresh_manifest(self) -> bool:
         """Rewrite MANIFEST.json until it equals a scan taken after our last write.
@@ -766,7 +876,7 @@ class StageQueue:
         # redone: integrity never depends on rename ordering, only durability does.
         atomic_write_bytes(self._record_path(index), json_bytes(record), sync_dir=False)
         fsync_dir(self.dir)
-        self._refresh_manifest()
+        self._journal("+", index, record["commit_id"])
         return record
 
     @staticmethod
@@ -890,6 +1000,7 @@ class StageQueue:
         atomic_write_bytes(dest.with_name(dest.name + ".reason.json"), json_bytes(info))
         current = self.record(index)
         if record is not None and current is not None and current.get("commit_id") == record.get("commit_id"):
+            self._journal("-", index, str(record.get("commit_id")))  # before: see the docstring
             unlink(self._record_path(index))
         fsync_dir(self.dir)
         self._refresh_manifest()
@@ -946,7 +1057,7 @@ class StageQueue:
                         report: VerifyReport) -> None:
         """Report (and with ``repair`` clean up) what no commit accounts for: unrecorded shard
         files, stale claims, and other files older than the lease."""
-        known = {MANIFEST, EXPECTED, QUARANTINE} | {shard_name(i) + RECORD_SUFFIX for i in records}
+        known = {MANIFEST, EXPECTED, QUARANTINE, JOURNAL} | {shard_name(i) + RECORD_SUFFIX for i in records}
         for e in os.scandir(self.dir):
             name = e.name
             if name in known:

@@ -16,10 +16,17 @@ Files this module reads and writes in RUN_DIR:
                                          the coordinator when the job died). A failed worker's
                                          detail is one line (Worker.fail): the exception, where
                                          it was raised, and the log holding the traceback.
+    workers/<role>/<job>_<task>_<pid>.activity.jsonl
+                                         the worker's status changes, one JSON line each:
+                                         {"t": <unix s>, "status", "detail"}; a status holds
+                                         from its line to the next (launch.timeline draws them
+                                         and sums busy time from them). Appended, never
+                                         rewritten: one short write per change, no fsync.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -88,6 +95,9 @@ class Worker:
         job = self.owner.job_id or "local"
         task = self.owner.task_id or "0"
         self.record_path = self.rd.worker_record(role, job, task, self.owner.pid)
+        self.activity_path = activity_path(self.record_path)
+        self._activity = None  # opened at the first status change
+        self._logged_status: Optional[str] = None
         self.beat_every_s = beat_every_s
         self._last_beat = 0.0
         self._lock = threading.Lock()
@@ -111,15 +121,32 @@ class Worker:
     def beat(self, status: Optional[str] = None, detail: Optional[str] = None, force: bool = False) -> None:
         with self._lock:
             now = time.time()
+            changed = status is not None and status != self._logged_status
             if status is not None:
                 force = force or status != self.info["status"]
                 self.info["status"] = status
             if detail is not None:
                 self.info["detail"] = detail
+            if changed:
+                self._log_activity(now)
             if force or now - self._last_beat >= self.beat_every_s:
                 self.info["heartbeat"] = now
                 atomic_write_json(self.record_path, self.info)
                 self._last_beat = now
+
+    def _log_activity(self, now: float) -> None:
+        """Append the status just set to the activity log (best effort: a full disk or a
+        vanished run directory must not kill the worker over a diagnostic)."""
+        line = json.dumps({"t": round(now, 4), "status": self.info["status"],
+                           "detail": str(self.info.get("detail") or "")[:200]}) + "\n"
+        self._logged_status = self.info["status"]
+        try:
+            if self._activity is None:
+                self.activity_path.parent.mkdir(parents=True, exist_ok=True)
+                self._activity = open(self.activity_path, "a", buffering=1)
+            self._activity.write(line)
+        except OSError as e:
+            log.warning("%s: cannot append to the activity log (%s)", self.activity_path, e)
 
     # -- graceful stop
 
@@ -172,6 +199,14 @@ class Worker:
         self.beat(status, f"on {self.stop_signal}" if status == "stopped" and self.stop_signal
                   else None, force=True)
         self._beats_done.set()
+
+
+def activity_path(record_path: Path) -> Path:
+    """The activity log beside a worker record (workers/<role>/<name>.activity.jsonl)."""
+    return record_path.with_name(record_path.name[: -len(".json")] + ACTIVITY_SUFFIX)
+
+
+ACTIVITY_SUFFIX = ".activity.jsonl"
 
 
 def fault_point(name: str, step: int) -> None:

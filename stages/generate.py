@@ -72,6 +72,7 @@ from shared.models import ensure_model
 from shared.queue import ClaimLostError, CorruptShardError, StageQueue
 from shared.rundir import COMMITTED, RunDir, active_steps, is_committed_dir, latest_weights
 from shared.schemas import build_table
+from shared.waiting import Pacer
 from shared.worker import StopRequested, Worker, fault_point
 
 log = logging.getLogger("sluice.generate")
@@ -334,6 +335,8 @@ class _GenerationWorker:
         # step -> when it was seen complete. Rechecked only every lease_s: a long run has many
         # steps, but a reader may still quarantine a committed shard, making it pending again.
         self.complete_steps: dict[int, float] = {}
+        self.pacer = Pacer(self.cfg.queue.poll_s, self.cfg.queue.fast_poll_s)
+        self.due_at: Optional[float] = None  # when what this pass waits for may land
 
     @staticmethod
     def _stamp(path: Optional[Path]):
@@ -347,9 +350,35 @@ class _GenerationWorker:
         stamp = self._stamp(path)
         if (version, stamp) == self.loaded:
             return
+        if stamp is not None:
+            self._learn_weights_lag(version, stamp)
         with _beating(self.worker, "loading", f"weights version {version}"):
             self.gen.load_weights(self.base_path if path is None else path, version)
         self.loaded = (version, stamp)
+
+    def _last_scored_at(self, version: int) -> Optional[float]:
+        """When step `version`'s last scored shard landed (None while it is incomplete): the
+        trainer publishes weights `version` some time after that."""
+        scored = StageQueue(self.rd, version, "scored", lease_s=self.cfg.queue.lease_s)
+        expected, records = scored.expected(), scored.committed(fast=True)
+        if expected is None or len(records) < expected:
+            return None
+        return max((r.get("committed_at", 0.0) for r in records.values()), default=None)
+
+    def _learn_weights_lag(self, version: int, committed_at: float) -> None:
+        scored_at = self._last_scored_at(version)
+        if scored_at is not None:
+            self.pacer.learn("weights", committed_at - scored_at, key=(version, committed_at))
+
+    def _weights_due(self, version: int) -> Optional[float]:
+        """When weights `version` may be published: its step's last scored shard plus the
+        trainer's typical time from there (0 before it was seen once: looks tighten at once)."""
+        scored_at = self._last_scored_at(version) if version >= 1 else None
+        return None if scored_at is None else scored_at + (self.pacer.typical("weights") or 0.0)
+
+    def _due(self, at: Optional[float]) -> None:
+        if at is not None:
+            self.due_at = at if self.due_at is None else min(self.due_at, at)
 
     def work_step(self, step: int) -> Tuple[str, str]:
         """Do what is claimable in `step`. Returns (outcome, detail), outcome one of
@@ -360,16 +389,18 @@ class _GenerationWorker:
         rollouts = StageQueue(self.rd, step, "rollouts", lease_s=q.lease_s, compression=q.compression)
         if rollouts.expected() is None:
             return "idle", f"step {step}: rollouts not declared yet"
-        pending = rollouts.pending()
+        pending = rollouts.pending(fast=True)
         if not pending:
             self.complete_steps[step] = time.monotonic()
             return "complete", f"step {step} complete"
         picked = pick_weights(self.rd, step, self.cfg.distillation.max_staleness)
         if picked is None:
             lowest = step - 1 - self.cfg.distillation.max_staleness
+            self._due(self._weights_due(lowest))
             return "no_weights", f"step {step}: waiting for weights version >= {lowest}"
         prompts = StageQueue(self.rd, step, "prompts", lease_s=q.lease_s)
-        ready = [i for i in pending if i in prompts.committed()]
+        committed = prompts.committed(fast=True)
+        ready = [i for i in pending if i in committed]
         if not ready:
             return "idle", f"step {step}: waiting for prompts shards {pending}"
         self.ensure_weights(*picked)
@@ -396,7 +427,7 @@ class _GenerationWorker:
             if time.monotonic() - self.complete_validations.get(v, -float("inf")) < q.lease_s:
                 continue
             rollouts = StageQueue(self.vrd, v, "rollouts", lease_s=q.lease_s, compression=q.compression)
-            pending = rollouts.pending()
+            pending = rollouts.pending(fast=True)
             if not pending:
                 self.complete_validations[v] = time.monotonic()
                 continue
@@ -404,7 +435,7 @@ class _GenerationWorker:
             if path is not None and not is_committed_dir(path):
                 continue  # requested before its training step ended: not yet
             prompts = StageQueue(self.vrd, v, "prompts", lease_s=q.lease_s)
-            done = prompts.committed()
+            done = prompts.committed(fast=True)
             ready = [i for i in pending if i in done]
             if ready:
                 candidates.append((not self.holds(v, path), v, path, ready, rollouts, prompts))
@@ -439,6 +470,7 @@ class _GenerationWorker:
             out = generate_shard(self.gen, table, version,
                                  batch_size=self.cfg.distillation.val_batch_size if validation else None)
             gen_s = time.perf_counter() - t0
+        self.worker.beat("committing", f"{what} shard {index}")
         lengths = [len(ids) for ids in out.column("response_ids").to_pylist()]
         extra = {
             **({"validation": True, "weights_committed_at": self.loaded[1]} if validation else {}),
@@ -483,6 +515,7 @@ def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
             while not worker.should_stop():
                 steps = [step] if step is not None else active_steps(rd, "rollouts")
                 worked, outcome, detail = False, "idle", "no active steps"
+                loop.due_at = None
                 for t in steps:
                     outcome, detail = loop.work_step(t)
                     worked |= outcome == "worked"
@@ -504,7 +537,7 @@ def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
                     break
                 if not worked:
                     worker.beat("waiting", detail)
-                    time.sleep(cfg.queue.poll_s)
+                    loop.pacer.sleep(loop.due_at)
     except StopRequested:
         log.info("stopped on %s; claims released", worker.stop_signal)
     except BaseException as e:

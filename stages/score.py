@@ -74,6 +74,7 @@ from shared.distributed import (TORCH_DTYPES, Dist, broadcast_object, build_shar
 from shared.models import ensure_model
 from shared.queue import ClaimLostError, CorruptShardError, Owner, StageQueue
 from shared.rundir import RunDir, active_steps
+from shared.waiting import Pacer
 from shared.worker import StopRequested, Worker, fault_point, load_run_config
 
 log = logging.getLogger("sluice.score")
@@ -559,6 +560,8 @@ class _Leader:
         # redoes it, launch.resubmit, a corrupt shard found by a reader).
         self.finished_steps: dict[int, float] = {}
         self.committed = 0
+        self.pacer = Pacer(cfg.queue.poll_s, cfg.queue.fast_poll_s)
+        self.due_at: Optional[float] = None  # when a rollouts shard waited for may land
 
     def _queues(self, step: int) -> tuple[StageQueue, StageQueue]:
         lease = self.cfg.queue.lease_s
@@ -568,17 +571,21 @@ class _Leader:
     def next_claim(self):
         """``(scored_queue, rollouts_queue, claim)`` of a claimable shard, or None."""
         steps = [self.step] if self.step is not None else active_steps(self.rd, "scored")
+        self.due_at = None
         for step in steps:
             if time.monotonic() - self.finished_steps.get(step, -float("inf")) < self.cfg.queue.lease_s:
                 continue
             rollouts, scored = self._queues(step)
             if scored.expected() is None:
                 continue
-            pending = scored.pending()
+            pending = scored.pending(fast=True)
             if not pending:
                 self.finished_steps[step] = time.monotonic()
                 continue
-            committed = rollouts.committed()
+            committed = rollouts.committed(fast=True)
+            due = self.pacer.due(rollouts, [i for i in pending if i not in committed], committed)
+            if due is not None:
+                self.due_at = due if self.due_at is None else min(self.due_at, due)
             while True:
                 claim = scored.claim_next(self.owner, candidates=[i for i in pending if i in committed])
                 if claim is None:
@@ -593,7 +600,7 @@ class _Leader:
     def done(self) -> bool:
         if self.worker.should_stop():
             return True
-        return self.step is not None and self._queues(self.step)[1].is_complete()
+        return self.step is not None and self._queues(self.step)[1].is_complete(fast=True)
 
 
 def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
@@ -653,7 +660,7 @@ def _lead(run_dir, worker: Worker, step: Optional[int], once: bool) -> int:
                 break
             worker.beat("waiting", detail="no claimable scored shard")
             broadcast_object("idle")
-            time.sleep(cfg.queue.poll_s)
+            leader.pacer.sleep(leader.due_at)
             continue
         scored_q, rollouts_q, claim = found
         where = f"step {scored_q.step} shard {claim.index}"
@@ -672,6 +679,7 @@ def _lead(run_dir, worker: Worker, step: Optional[int], once: bool) -> int:
                 table, extra = score_table(teacher, rollouts, builder, progress=lambda done, total: worker.beat(
                     "scoring", detail=f"{where}: {done}/{total} tokens"))
             score_s = time.perf_counter() - started
+            worker.beat("committing", detail=where)
             extra.update({"score_s": round(score_s, 3), "tokens": _teacher_tokens(table),
                           "dropped_samples": int(pc.sum(pc.equal(table.column("sample_mask"), 0)).as_py())})
             try:

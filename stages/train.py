@@ -94,6 +94,7 @@ from shared.queue import CorruptShardError, NotCommittedError, StageQueue
 from shared.rundir import (CHECKPOINTS, COMMITTED, RunDir, commit_dir, committed_steps,
                            read_metrics, temp_dir_for)
 from shared.schemas import ragged_from_arrow, topk_from_arrow
+from shared.waiting import Pacer
 from shared.worker import Worker, fault_point, load_run_config
 
 log = logging.getLogger("sluice.train")
@@ -363,6 +364,7 @@ class Trainer:
 
     def __init__(self, cfg: SluiceConfig, rd: RunDir, d: Dist, worker: Optional[Worker] = None):
         self.cfg, self.rd, self.d, self.worker = cfg, rd, d, worker
+        self.pacer = Pacer(cfg.queue.poll_s, cfg.queue.fast_poll_s)  # rank 0 waits for shards
         self.model, self.base_dir = load_student(cfg, d)
         self.gather = ResponseGather(self.model)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -462,7 +464,7 @@ class Trainer:
         if self.d.rank == 0:
             deadline = time.monotonic() + MAX_SILENCE_S
             while msg is None:
-                expected, committed = q.expected(), q.committed()
+                expected, committed = q.expected(), q.committed(fast=True)
                 if self._stop_requested():
                     finishable = dirty and expected is not None and all(
                         i in committed for i in range(next_index, expected))
@@ -492,7 +494,7 @@ class Trainer:
                     if self.worker is not None:
                         self.worker.beat("waiting", f"step {step}: {next_index}/{expected or '?'} "
                                                     "scored shards read")
-                    time.sleep(self.cfg.queue.poll_s)
+                    self.pacer.sleep(self.pacer.due(q, [next_index], committed))
         return broadcast_object(msg)
 
     def train_step(self, step: int) -> dict:

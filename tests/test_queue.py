@@ -95,6 +95,7 @@ def commit_worker(run_dir: str, worker: int, n_workers: int, n_shards: int, star
     start.wait()
     for index in range(worker, n_shards, n_workers):
         q.commit(index, table("prompts", index))
+        q.refresh_manifest()
 
 
 def breaker_worker(run_dir: str, start, results, done) -> None:
@@ -150,13 +151,19 @@ def test_racing_workers_process_every_shard_exactly_once(tmp_path):
     records = q.committed()
     assert sorted(records) == list(range(n_shards))
     assert all(records[i]["extra"]["pid"] == processed[i] == records[i]["committed_by"]["pid"] for i in records)
+    # The follower that read the journal of these racing commits sees the same records.
+    assert q.committed(fast=True) == records and q.is_complete(fast=True)
+    assert q.manifest()["n_committed"] == 0  # commits leave the summary to the coordinator
+    assert q.refresh_manifest()
     manifest = q.manifest()
     assert manifest["n_committed"] == n_shards and manifest["complete"] and manifest["rows"] == 2 * n_shards
     assert not list((tmp_path / "run").rglob("*.claim"))
     assert q.verify().ok
 
 
-def test_concurrent_commits_never_lose_manifest_entries(tmp_path):
+def test_concurrent_manifest_refreshes_never_lose_entries(tmp_path):
+    # Every worker refreshes the manifest after each of its commits (the coordinator and
+    # verify do so in a run): the last refresh holds every record.
     n_shards, n_workers = 80, 4
     run = str(tmp_path / "run")
     StageQueue(run, 0, "prompts").expect(n_shards)
@@ -174,7 +181,7 @@ def test_concurrent_commits_never_lose_manifest_entries(tmp_path):
 
 def test_manifest_refresh_converges_when_a_commit_lands_between_scan_and_write(tmp_path, monkeypatch):
     # The interleaving that loses entries with a write-once manifest, made deterministic:
-    # another committer's whole commit runs after our scan and before our replace.
+    # another committer's whole commit and refresh run after our scan and before our replace.
     q, other = StageQueue(tmp_path, 0, "prompts"), StageQueue(tmp_path, 0, "prompts")
     q.expect(2)
     write = queue.atomic_write_bytes
@@ -184,11 +191,43 @@ def test_manifest_refresh_converges_when_a_commit_lands_between_scan_and_write(t
         if path.name == "MANIFEST.json" and not sneaked:
             sneaked.append(True)
             other.commit(1, table("prompts", 1))
+            other.refresh_manifest()
         write(path, data, **kwargs)
 
     monkeypatch.setattr(queue, "atomic_write_bytes", racing_write)
     q.commit(0, table("prompts", 0))
+    q.refresh_manifest()
     assert sneaked and sorted(q.manifest()["committed"]) == ["shard-00000.arrow", "shard-00001.arrow"]
+
+
+def test_follower_reads_commits_and_removals_from_the_journal_without_listing(tmp_path, monkeypatch):
+    q, other = StageQueue(tmp_path, 0, "rollouts"), StageQueue(tmp_path, 0, "rollouts")
+    q.expect(3)
+    assert q.committed(fast=True) == {}  # the first look scans
+    first = other.commit(0, table("rollouts", 0))
+    second = other.commit(2, table("rollouts", 2))
+
+    def no_scan(self):
+        raise AssertionError("a follower's look listed the directory")
+
+    monkeypatch.setattr(StageQueue, "_scan", no_scan)
+    assert q.committed(fast=True) == {0: first, 2: second} and q.pending(fast=True) == [1]
+    redo = other.commit(2, table("rollouts", 2))  # recommitted: the record is re-read
+    assert q.committed(fast=True)[2]["commit_id"] == redo["commit_id"] != second["commit_id"]
+    journal = q.dir / "COMMITS.log"
+    with open(journal, "ab") as f:
+        f.write(b"+1 abc")  # a line still being written: left for the next look
+    other.commit(1, table("rollouts", 1))
+    assert sorted(q.committed(fast=True)) == [0, 1, 2] and q.is_complete(fast=True)
+    monkeypatch.undo()
+    other.quarantine(0, "test")  # "-0" is journaled before the record goes
+    assert sorted(q.committed(fast=True)) == [1, 2]
+    assert journal.read_bytes().count(b"\n") == 5 and b"-0 " in journal.read_bytes()
+    # A record the journal never heard of (a lost append on NFS) is found by the periodic scan.
+    (q.dir / "shard-00000.arrow.meta.json").write_text(json.dumps(first))
+    assert sorted(q.committed(fast=True)) == [1, 2]
+    monkeypatch.setattr(queue, "RESCAN_S", 0.0)
+    assert sorted(q.committed(fast=True)) == [0, 1, 2] == sorted(q.committed())
 
 
 def test_two_breakers_of_a_stale_claim_never_both_win(tmp_path):
@@ -397,6 +436,7 @@ def test_recommit_replaces_and_zstd_roundtrips(tmp_path):
     second = q.commit(0, table("rollouts", 0, tag="v2", rows=3))
     assert first["commit_id"] != second["commit_id"] and second["compression"] == "zstd"
     assert q.read(0).column("problem")[0].as_py() == "problem 0 v2"
+    q.refresh_manifest()
     assert q.manifest()["committed"]["shard-00000.arrow"] == second
     assert q.verify().ok
 
