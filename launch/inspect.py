@@ -6,6 +6,11 @@
                                                              # decoded rows (text, teacher top-k)
     python -m launch.inspect RUN_DIR --verify                # check every checksum; exit 1 on damage
     python -m launch.inspect RUN_DIR --plot curves.png       # loss, accuracy, time per stage
+    python -m launch.inspect RUN_DIR --timeline timeline.png # each worker's activity over time
+
+The default output (and --json's "gpu_hours") ends with where the GPU-hours go: per role, the
+GPU-hours held (sacct's under Slurm), the busy fraction and the idle time by reason
+(launch.timeline).
 
 Reads files only (never imports torch); safe to run while the run is going.
 """
@@ -19,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from launch.timeline import draw, format_report, run_report
 from shared.errors import UserError, exit_with
 from shared.files import read_json
 from shared.pipeline import STAGES, check_stage
@@ -82,6 +88,7 @@ def run_status(rd: RunDir) -> dict:
                                                          "placement_violation", "worker_hung",
                                                          "orphan_job_cancelled")],
         "events": events,
+        "gpu_hours": run_report(rd),
     }
 
 
@@ -146,6 +153,9 @@ def print_status(st: dict) -> None:
             print(f"  {w['role']:<10} job {w.get('job_id')} task {w.get('task_id')} on {w.get('node')} "
                   f"gpus={w.get('gpus')} {w.get('status')} (heartbeat {now - w.get('heartbeat', now):.0f}s ago)"
                   + (f": {w['detail']}" if w.get("detail") else ""))
+    gpu_hours = format_report(st.get("gpu_hours") or {})
+    if gpu_hours:
+        print(gpu_hours)
     if st["failures"]:
         print("failures:")
         for e in st["failures"]:
@@ -264,6 +274,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--verify", action="store_true")
     p.add_argument("--plot")
+    p.add_argument("--timeline", help="write each worker's activity over time to this PNG")
     args = p.parse_args(argv)
     try:
         rd = _open_run(args.run_dir)
@@ -284,6 +295,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             plot_run(rd, args.plot)
             print(f"wrote {args.plot}")
+            return 0
+        if args.timeline:
+            draw(rd, args.timeline)
+            print(f"wrote {args.timeline}")
             return 0
         if args.step is not None or args.stage is not None:
             if args.step is None or args.stage is None:

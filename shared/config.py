@@ -672,6 +672,33 @@ class QueueConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Synthetic role workers (bench/synthetic.py), for benchmarks and tests of the pipeline at
+    any scale: the real queue protocol (claims, heartbeats, commits, weights versions, STOP)
+    around sleeps, with shards of the real schemas and made-up contents. Never for science."""
+
+    enabled: bool = False
+    """Start bench/synthetic.py instead of the stages (no torch, no vLLM, no model)."""
+    generate_s: float = 0.1
+    """Seconds a generation worker spends per rollouts shard."""
+    score_s: float = 0.1
+    """Seconds a teacher spends per scored shard."""
+    train_s: float = 0.1
+    """Seconds the trainer spends per scored shard it trains on."""
+    export_s: float = 0.05
+    """Seconds the trainer spends publishing a weights version (and again per checkpoint)."""
+    reload_s: float = 0.05
+    """Seconds a generation worker spends loading a weights version."""
+    load_s: float = 0.0
+    """Seconds every worker spends starting up (loading its model)."""
+    response_tokens: int = 8
+    """Tokens of every synthetic response."""
+    workers_per_task: int = 1
+    """Generation and teacher workers per planned task (forked processes, each a worker of its
+    own): many workers from a small plan. The trainer is always one."""
+
+
+@dataclass
 class SluiceConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     """The student."""
@@ -696,6 +723,8 @@ class SluiceConfig:
     """Sluice: how the run is started."""
     queue: QueueConfig = field(default_factory=QueueConfig)
     """Sluice: the run directory queue."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Benchmarks and tests only: role workers that sleep instead of computing."""
 
 
 # Keys found in the runbook's configs that Sluice deliberately does not have, with the reason

@@ -62,7 +62,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
 
@@ -492,13 +492,16 @@ class _GenerationWorker:
         return True
 
 
-def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
+def run_worker(run_dir, step: Optional[int] = None, once: bool = False,
+               make_engine: Optional[Callable[[SluiceConfig], Any]] = None) -> int:
     """The generation worker; returns how many rollouts shards it committed.
 
     step=N: every pending shard of step N (waiting for its weights and prompts), then return.
     Otherwise every active step in ascending order, then validation shards (see the module
     docstring), until coordinator/STOP; once=True: a single pass over what is claimable now
     (all claimable validation shards included). Validation shards count in the return value.
+    `make_engine(cfg)` replaces the vLLM Generator (bench/synthetic.py: the same loop around
+    a sleep).
     """
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     worker = Worker(rd, ROLE)
@@ -506,10 +509,11 @@ def run_worker(run_dir, step: Optional[int] = None, once: bool = False) -> int:
     cfg = worker.cfg
     loop = None
     try:
-        base_path = resolve_model(cfg.policy.model_name)
+        base_path = resolve_model(cfg.policy.model_name) if make_engine is None else Path(cfg.policy.model_name)
         worker.beat("starting", f"vLLM engine on {base_path}", force=True)
         with _beating(worker, "starting", f"vLLM engine on {base_path}"):
-            gen = Generator(cfg, base_path)  # tens of seconds on a large model: keep beating
+            # Tens of seconds on a large model: keep beating.
+            gen = Generator(cfg, base_path) if make_engine is None else make_engine(cfg)
         with gen:
             loop = _GenerationWorker(rd, worker, gen, base_path)
             while not worker.should_stop():

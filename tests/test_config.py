@@ -246,6 +246,7 @@ def test_every_config_field_is_read_or_accepted_for_compatibility():
 
     code = "".join(p.read_text() for folder in ("shared", "stages", "launch")
                    for p in sorted((REPO_ROOT / folder).rglob("*.py")) if p.name != "config.py")
+    code += (REPO_ROOT / "bench" / "synthetic.py").read_text()  # synthetic.*: the synthetic workers
     compat = lambda path: any(fnmatch.fnmatchcase(path, pat) for pat in COMPATIBILITY_ONLY)  # noqa: E731
     unread, listed_but_read = [], []
     for path, name in _field_paths(SluiceConfig):

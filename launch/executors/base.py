@@ -106,10 +106,13 @@ class LaunchContext:
 
 
 def worker_command(w: WorkerPlan, run_dir: str, ctx: LaunchContext, step: Optional[int] = None,
-                   python: str = sys.executable) -> List[str]:
-    """The worker's command line (also what tests/golden pins for every recipe)."""
+                   python: str = sys.executable, synthetic: bool = False) -> List[str]:
+    """The worker's command line (also what tests/golden pins for every recipe); `synthetic`
+    (synthetic.enabled): the benchmarks' sleeping stand-in for the role, one process."""
     module = ROLE[w.role].module
     args = [run_dir] + ([] if step is None else ["--step", str(step)])
+    if synthetic:
+        return [python, "-m", SYNTHETIC_MODULE, *args, "--role", w.role]
     if not w.multiprocess:
         return [python, "-m", module, *args]
     if w.nnodes == 1:
@@ -122,6 +125,10 @@ def worker_command(w: WorkerPlan, run_dir: str, ctx: LaunchContext, step: Option
             "-m", module, *args]
 
 
+
+
+# The synthetic workers' module (synthetic.enabled: benchmarks and tests).
+SYNTHETIC_MODULE = "bench.synthetic"
 
 
 def visible_devices(indices: Sequence[int], inherited: Optional[str]) -> str:
@@ -146,6 +153,8 @@ class UnitTask:
     local: bool
     step: Optional[int] = None
     """Process only this step, then exit (launch.resubmit on a finished run)."""
+    synthetic: bool = False
+    """Start the synthetic stand-in of each role (synthetic.enabled)."""
     _child: Optional[subprocess.Popen] = field(default=None, repr=False, compare=False)
     _stop_reason: Optional[str] = field(default=None, repr=False, compare=False)
 
@@ -208,7 +217,8 @@ class UnitTask:
         end = self.end_time()
         if end is not None:
             env[jobenv.JOB_END_TIME] = str(end)
-        cmd = worker_command(w, self.run_dir, self.context(self._job_id), self.step)
+        cmd = worker_command(w, self.run_dir, self.context(self._job_id), self.step,
+                             synthetic=self.synthetic)
         print(f"[sluice {w.role} task {w.task} node_rank {w.node_rank}] "
               f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} {' '.join(cmd)}", flush=True)
         self._worker = w

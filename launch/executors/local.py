@@ -79,7 +79,8 @@ class LocalExecutor(Executor):
         before = {name: os.environ.get(name) for name in exported}
         os.environ.update(exported)
         try:
-            return ex.submit(UnitTask(str(self.run_dir), unit, local=True, step=step))
+            return ex.submit(UnitTask(str(self.run_dir), unit, local=True, step=step,
+                                      synthetic=self.cfg.synthetic.enabled))
         finally:
             for name, value in before.items():
                 if value is None:

@@ -184,7 +184,8 @@ class SlurmExecutor(Executor):
         ex = _Sbatch(folder=log_folder(self.run_dir, unit.key) / "%j")
         ex.update_parameters(**role_job_params(self.cfg, unit,
                                                job_name(self.run_dir, unit.key, step is not None)))
-        job = ex.submit(UnitTask(str(self.run_dir), unit, local=False, step=step))
+        job = ex.submit(UnitTask(str(self.run_dir), unit, local=False, step=step,
+                                 synthetic=self.cfg.synthetic.enabled))
         self._watched.add(str(job.job_id))
         self._checked = float("-inf")
         return job
