@@ -54,12 +54,14 @@ CATEGORY_RULES = (
     ("starting", None, None, "loading"),
     ("saving", None, None, "saving"),  # the trainer's weights export and checkpoints
     ("committing", None, None, "committing"),
+    # The worker's own record write between two statuses (shared.worker: "left" to "t").
+    ("bookkeeping", None, None, "bookkeeping"),
 )
 # Every category, in legend order, with its colour.
 CATEGORIES = {
     "busy": "tab:green", "waiting": "lightgray", "loading": "tab:blue",
     "reloading": "tab:cyan", "saving": "tab:purple", "committing": "tab:orange",
-    "other": "tab:brown",
+    "bookkeeping": "khaki", "other": "tab:brown",
 }
 IDLE = tuple(c for c in CATEGORIES if c != "busy")
 # A worker record without an activity log (a run from before the logs): one segment from
@@ -120,7 +122,8 @@ def read_activity(path: Path) -> List[dict]:
     for line in text.splitlines():
         try:
             row = json.loads(line)
-            rows.append({"t": float(row["t"]), "status": str(row["status"]),
+            t = float(row["t"])
+            rows.append({"t": t, "left": min(float(row.get("left", t)), t), "status": str(row["status"]),
                          "detail": str(row.get("detail") or "")})
         except (ValueError, TypeError, KeyError):
             continue
@@ -129,17 +132,21 @@ def read_activity(path: Path) -> List[dict]:
 
 def segments(role: str, rows: List[dict], record: dict) -> List[Tuple[float, float, str, str]]:
     """A worker's segments from its activity lines; the last one ends at the next line, at
-    its final status, or (killed: no final line) at the record's heartbeat."""
+    its final status, or (killed: no final line) at the record's heartbeat. A status ends
+    when the worker left it (the next line's "left"); the worker's record write until the
+    next status began is a segment of its own, status "bookkeeping"."""
     out = []
     for i, row in enumerate(rows):
         if row["status"] in FINAL_STATUSES:
             break
         if i + 1 < len(rows):
-            end = rows[i + 1]["t"]
+            end, following = rows[i + 1]["left"], rows[i + 1]["t"]
         else:
-            end = float(record.get("heartbeat") or row["t"])
+            end = following = float(record.get("heartbeat") or row["t"])
         if end > row["t"]:
             out.append((row["t"], end, row["status"], category(role, row["status"], row["detail"])))
+        if following > max(end, row["t"]):
+            out.append((max(end, row["t"]), following, "bookkeeping", category(role, "bookkeeping", "")))
     return out
 
 

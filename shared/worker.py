@@ -18,9 +18,11 @@ Files this module reads and writes in RUN_DIR:
                                          it was raised, and the log holding the traceback.
     workers/<role>/<job>_<task>_<pid>.activity.jsonl
                                          the worker's status changes, one JSON line each:
-                                         {"t": <unix s>, "status", "detail"}; a status holds
-                                         from its line to the next (launch.timeline draws them
-                                         and sums busy time from them). Appended, never
+                                         {"t": <unix s>, "left", "status", "detail"}; a status
+                                         holds from its line's t to the next line's "left"
+                                         (when the worker left it; the record's write until
+                                         t is bookkeeping). launch.timeline draws them and
+                                         sums busy time from them. Appended, never
                                          rewritten: one short write per change, no fsync.
 """
 
@@ -42,7 +44,7 @@ from omegaconf import OmegaConf
 
 from shared import jobenv
 from shared.config import SluiceConfig, register
-from shared.files import atomic_write_json
+from shared.files import atomic_write_bytes, json_bytes
 from shared.queue import Owner
 from shared.rundir import RunDir
 
@@ -95,6 +97,7 @@ class Worker:
         job = self.owner.job_id or "local"
         task = self.owner.task_id or "0"
         self.record_path = self.rd.worker_record(role, job, task, self.owner.pid)
+        self.record_path.parent.mkdir(parents=True, exist_ok=True)
         self.activity_path = activity_path(self.record_path)
         self._activity = None  # opened at the first status change
         self._logged_status: Optional[str] = None
@@ -127,17 +130,22 @@ class Worker:
                 self.info["status"] = status
             if detail is not None:
                 self.info["detail"] = detail
-            if changed:
-                self._log_activity(now)
             if force or now - self._last_beat >= self.beat_every_s:
                 self.info["heartbeat"] = now
-                atomic_write_json(self.record_path, self.info)
+                # Not fsync'd: a status is news, not state (a crash loses at most the last
+                # one, and the coordinator judges liveness by the heartbeat's age). Two
+                # fsyncs per status change cost more than a short shard's work.
+                atomic_write_bytes(self.record_path, json_bytes(self.info), fsync=False, sync_dir=False)
                 self._last_beat = now
+            if changed:
+                # The old status ended when this call began, the new one starts now: the
+                # record's write between them is neither (a busy span is the work alone).
+                self._log_activity(now, time.time())
 
-    def _log_activity(self, now: float) -> None:
+    def _log_activity(self, left: float, now: float) -> None:
         """Append the status just set to the activity log (best effort: a full disk or a
         vanished run directory must not kill the worker over a diagnostic)."""
-        line = json.dumps({"t": round(now, 4), "status": self.info["status"],
+        line = json.dumps({"t": round(now, 4), "left": round(left, 4), "status": self.info["status"],
                            "detail": str(self.info.get("detail") or "")[:200]}) + "\n"
         self._logged_status = self.info["status"]
         try:

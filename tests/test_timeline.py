@@ -14,7 +14,7 @@ import stat
 import pytest
 
 from launch.timeline import (category, draw, format_report, lanes, parse_sacct, role_report,
-                             run_jobs, run_report, sacct_jobs, SacctError)
+                             run_jobs, run_report, sacct_jobs, SacctError, segments)
 from shared.files import atomic_write_json
 from shared.partition import Plan, RolePlan, job_units
 from shared.rundir import RunDir
@@ -122,6 +122,17 @@ def test_lanes_from_activity_logs(tmp_path):
     assert train.end - T0 == 110
 
 
+def test_a_status_ends_when_the_worker_left_it_and_the_record_write_is_bookkeeping():
+    rows = [{"t": 10.0, "left": 10.0, "status": "waiting", "detail": ""},
+            {"t": 12.5, "left": 12.0, "status": "scoring", "detail": ""},
+            {"t": 20.25, "left": 20.0, "status": "committing", "detail": ""},
+            {"t": 21.0, "left": 21.0, "status": "exited", "detail": ""}]
+    assert segments("teacher", rows, {"heartbeat": 21.0}) == [
+        (10.0, 12.0, "waiting", "waiting"), (12.0, 12.5, "bookkeeping", "bookkeeping"),
+        (12.5, 20.0, "scoring", "busy"), (20.0, 20.25, "bookkeeping", "bookkeeping"),
+        (20.25, 21.0, "committing", "committing")]
+
+
 def test_role_report_from_workers(tmp_path):
     rep = role_report(make_run(tmp_path))
     assert list(rep) == ["generation", "teacher", "training"]
@@ -129,7 +140,7 @@ def test_role_report_from_workers(tmp_path):
     assert (gen["workers"], gen["gpus"], gen["span_s"], gen["busy_s"]) == (2, 2, 170, 100)
     assert gen["busy_fraction"] == round(100 / 170, 4)
     assert gen["idle_s"] == {"waiting": 40, "loading": 20, "reloading": 5, "saving": 0,
-                             "committing": 5, "other": 0}
+                             "committing": 5, "bookkeeping": 0, "other": 0}
     assert gen["gpu_hours"] == round(170 / 3600, 6) and gen["gpu_hours_source"] == "workers"
     assert "queue_wait_s" not in gen
     teacher, train = rep["teacher"], rep["training"]
