@@ -46,9 +46,11 @@ Files this module writes in RUN_DIR (each published atomically):
                                "grad_norms" and "lrs" (per optimizer batch), "grad_norm" (mean),
                                "lr" (of the step's last optimizer step), "tokens" (prompt +
                                response tokens trained on), "samples", "valid_tokens",
-                               "optimizer_steps", "world_size", "timing": {"wait_s", "read_s",
+                               "optimizer_steps", "world_size", "timing": {"wait_s" (for
+                               shards to land), "read_s" (reading and verifying them),
                                "train_s", "save_s"}, "tokens_per_s_per_gpu" (tokens / train_s /
-                               world_size)}
+                               world_size)}; rank 0's worker status is "training" from the
+                               first read of a shard until it waits again
     checkpoints/<t:06d>/       torch.distributed.checkpoint of {"train": {"model", "optim",
                                "scheduler", "step", "optimizer_steps", "rng"}} (sharded: loads
                                on any number of ranks), plus COMMITTED.json. The newest
@@ -365,6 +367,7 @@ class Trainer:
     def __init__(self, cfg: SluiceConfig, rd: RunDir, d: Dist, worker: Optional[Worker] = None):
         self.cfg, self.rd, self.d, self.worker = cfg, rd, d, worker
         self.pacer = Pacer(cfg.queue.poll_s, cfg.queue.fast_poll_s)  # rank 0 waits for shards
+        self.await_read_s = 0.0
         self.model, self.base_dir = load_student(cfg, d)
         self.gather = ResponseGather(self.model)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -477,12 +480,17 @@ class Trainer:
                         self._finishing_logged = True
                 ready, i = [], next_index
                 while i in committed and (expected is None or i < expected):
+                    if self.worker is not None:
+                        self.worker.beat("training", f"step {step}: reading scored shard {i}")
+                    started = time.monotonic()
                     try:
                         tables[i] = q.read(i)
                     except (CorruptShardError, NotCommittedError) as e:  # pending again: redone
                         log.warning("step %d: scored shard %d unreadable, waiting for its redo: %s",
                                     step, i, e)
                         break
+                    finally:
+                        self.await_read_s += time.monotonic() - started
                     ready.append((i, q.record(i)["checksum"]))
                     i += 1
                 if ready or time.monotonic() > deadline:
@@ -508,8 +516,10 @@ class Trainer:
         next_index, rows_read, wait_s, read_s, train_s = 0, 0, 0.0, 0.0, 0.0
         while True:
             t0 = time.monotonic()
+            self.await_read_s = 0.0  # rank 0 reads (and verifies) the shards while awaiting them
             msg = self._await_shards(q, step, next_index, tables, dirty=bool(results))
-            wait_s += time.monotonic() - t0
+            wait_s += time.monotonic() - t0 - self.await_read_s
+            read_s += self.await_read_s
             if msg["stop"]:
                 raise StepStopped(dirty=bool(results))
             if msg.get("checkpoint_first"):

@@ -255,6 +255,19 @@ def test_local_smoke_completes_every_step(local_run):
     assert "job_failed" not in ev and ev[-1] == "run_finished", ev
 
 
+def test_timeline_and_gpu_hours_of_the_smoke_run(local_run, tmp_path):
+    from launch.timeline import draw
+    from shared.rundir import RunDir
+    from tests.timing_check import assert_busy_agrees
+
+    rd = RunDir(local_run["dir"])
+    report = assert_busy_agrees(rd, range(1, STEPS + 1))
+    assert all(r["gpu_hours_source"] == "workers" and r["workers"] == 1 for r in report.values())
+    assert "Where the GPU-hours go" in local_run["inspect_text"].stdout
+    draw(rd, tmp_path / "timeline.png")
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000
+
+
 def test_verify_detects_and_quarantines_a_damaged_shard(local_run):
     run_dir = local_run["dir"]
     ok = inspect(run_dir, "--verify")

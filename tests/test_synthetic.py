@@ -12,33 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from launch.timeline import draw, role_report
+from launch.timeline import draw
 from shared.queue import StageQueue
 from shared.rundir import RunDir, worker_records
+from tests.timing_check import assert_busy_agrees
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SHARDS, COPIES = 20, 32, 32
-
-
-def own_busy_seconds(rd: RunDir, steps) -> dict:
-    """What the workers themselves timed: generation gen_s and teacher score_s (commit
-    records), training read_s + train_s (train.json)."""
-    own = Counter()
-    for t in steps:
-        own["generation"] += sum(r["extra"]["gen_s"] for r in StageQueue(rd, t, "rollouts").committed().values())
-        own["teacher"] += sum(r["extra"]["score_s"] for r in StageQueue(rd, t, "scored").committed().values())
-        timing = json.loads(rd.train_record(t).read_text())["timing"]
-        own["training"] += timing["read_s"] + timing["train_s"]
-    return own
-
-
-def assert_busy_agrees(rd: RunDir, steps, roles=("generation", "teacher", "training"), within=0.05):
-    report, own = role_report(rd), own_busy_seconds(rd, steps)
-    for role in roles:
-        got = report[role]["busy_s"]
-        assert abs(got - own[role]) <= within * own[role], (role, got, own[role])
-        assert report[role]["busy_fraction"] == pytest.approx(got / report[role]["span_s"], abs=1e-3)
-    return report
 
 
 @pytest.fixture(scope="module")
