@@ -182,6 +182,7 @@ class Coordinator:
         """Ids of jobs this coordinator cancelled as hung: their end is a failure."""
         self._started = time.time()
         self._step_done_at: Dict[int, float] = {}
+        self._cpu_logged = time.process_time()
         self._last_progress = ""
         from launch.validation import Validation
 
@@ -695,6 +696,10 @@ class Coordinator:
         if step in self._logged:
             return
         row = step_metrics(self.rd, step, self.cfg)
+        # The coordinator's own cost (its process: polls, prompts, metrics) since the last row.
+        cpu = time.process_time()
+        row["timing/coordinator_cpu_s"] = round(cpu - self._cpu_logged, 4)
+        self._cpu_logged = cpu
         append_metrics(self.rd, row)
         for stage in ("prompts", *WORKER_STAGES):  # the step is done: its summaries are final
             StageQueue(self.rd, step, stage).refresh_manifest()

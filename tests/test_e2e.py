@@ -393,5 +393,15 @@ def test_slurm_smoke_isolates_roles_on_three_nodes(slurm_cluster, tmp_path):
         assert all(len(n) == 1 for n in nodes.values()), nodes
         placed = [next(iter(n)) for n in nodes.values()]
         assert sorted(placed) == sorted(set(placed)) and set(placed) <= set(local_slurm.NODES), nodes
+        # Where the GPU-hours go, from sacct: what each role's job held, and the queue wait.
+        from launch.timeline import draw, run_report
+        from shared.rundir import RunDir
+        from tests.timing_check import assert_busy_agrees
+
+        assert_busy_agrees(RunDir(run_dir), range(1, STEPS + 1))
+        report = run_report(RunDir(run_dir))
+        for role, r in report.items():
+            assert r["gpu_hours_source"] == "sacct" and r["gpu_hours"] > 0 and r["queue_wait_s"] >= 0, (role, r)
+        draw(RunDir(run_dir), tmp_path / "timeline.png")
     finally:
         stop_run(run_dir)
