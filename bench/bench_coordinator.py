@@ -1,6 +1,6 @@
 """Coordinator and pipeline overheads, from one smoke run on the local executor.
 
-    .venv/bin/python -m bench.bench_coordinator [--steps 6] [--keep DIR]
+    .venv/bin/python -m bench.bench_coordinator [--steps 12] [--keep DIR]
 
 Runs `launch.run conf=smoke distillation.max_staleness=1 distillation.max_num_steps=N`
 (tiny models, CPU) and measures everything from the files the run leaves (commit records,
@@ -16,13 +16,15 @@ train.json, events), so nothing is instrumented specially for the benchmark:
                                   shard k. Worker polling, no coordinator involved. Uses the
                                   commit record's `claimed_at` when the queue records it,
                                   else `committed_at - score_s` (includes the shard read: an
-                                  upper bound). Baseline: queue.poll_s. Target <= 1 s.
+                                  upper bound). Baseline: queue.poll_s. Target <= 0.1 s.
   step_time_vs_busy_sum           median steady-state step time (train.json of t-1 -> of t,
                                   t >= 2) over the median per-step sum of the three pools'
                                   busy times (generation gen_s, teacher score_s, training
-                                  train_s + read_s + save_s). Below 1 only if the pools
-                                  overlap (max_staleness=1 lets generation of t+1 run while
-                                  the teacher and training work on t). Target < 1.
+                                  train_s + read_s + save_s). On this box the roles share
+                                  two cores, so they cannot overlap for free: the target is
+                                  <= 1.25 (the pipeline's overhead over running the roles
+                                  back to back). bench_pipeline measures overlap itself,
+                                  with roles that do not compete for the CPU.
 
 On a 2-core box the three pools share the cores, so each pool's busy time is inflated by the
 others running at the same moment; the ratio shows that work overlaps in wall-clock time, not
@@ -138,20 +140,20 @@ def entries(m: dict) -> List[dict]:
     if m["handoff_s"]:
         v = med(m["handoff_s"])
         out.append({"name": "handoff_rollouts_to_scored", "value": round(v, 3), "baseline": m["poll_s"],
-                    "ratio": round(v / m["poll_s"], 3), "target": 1.0, "compare": round(v, 3),
+                    "ratio": round(v / m["poll_s"], 3), "target": 0.1, "compare": round(v, 3),
                     "unit": "s", "better": "lower",
                     "note": ("rollouts commit -> scored claim" if m["handoff_exact"] else
                              "rollouts commit -> scored start (committed_at - score_s: includes the read)")})
     if m["step_interval_s"]:
         v, b = med(m["step_interval_s"]), med(m["busy_sum_s"])
         out.append({"name": "step_time_vs_busy_sum", "value": round(v, 2), "baseline": round(b, 2),
-                    "ratio": round(v / b, 3), "target": 1.0, "unit": "s", "better": "lower",
+                    "ratio": round(v / b, 3), "target": 1.25, "unit": "s", "better": "lower",
                     "note": f"max_staleness={m['max_staleness']}: steady-state step time over the sum "
                             "of the generation, teacher and training busy times of a step"})
     return out
 
 
-def run(out: dict, steps: int = 6, keep: str | None = None) -> dict:
+def run(out: dict, steps: int = 12, keep: str | None = None) -> dict:
     """Run the smoke, measure, append the entries to out["entries"]; returns out."""
     tmp = None
     if keep:
@@ -176,7 +178,7 @@ def run(out: dict, steps: int = 6, keep: str | None = None) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="coordinator benchmark (see the module docstring)")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--keep", help="run directory to create and keep (default: a temporary one)")
     p.add_argument("--measure", help="only measure this finished run directory")
     args = p.parse_args()

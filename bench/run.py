@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ["queue", "generate", "score", "train", "coordinator", "learn", "memory", "sharded"]
+MODULES = ["queue", "generate", "score", "train", "coordinator", "pipeline", "learn", "memory", "sharded"]
 TITLES = {
     "queue": "Run-directory queue (issue 3)",
     "generate": "Generation stage (issue 4)",
     "score": "Teacher scoring (issue 4)",
     "train": "Training stage (issue 4)",
-    "coordinator": "Coordinator (issue 5)",
+    "coordinator": "Coordinator (issue 5; hand-offs and step time on the smoke recipe, issue 17)",
+    "pipeline": "Pipeline efficiency and scale with synthetic workers (issue 17)",
     "learn": "Learning check (issue 8, also `make learn`)",
     "memory": "Memory plan vs measured CPU allocations (issue 14)",
     "sharded": "Host memory per rank: per-rank sharded load and export vs rank 0 (issue 14)",

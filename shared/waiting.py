@@ -8,8 +8,9 @@ A look costs a stat while nothing changed (shared.queue's followers), but on a s
 filesystem every look still reaches the metadata server, so looking often everywhere is not
 free. Hand-offs are predictable, though: the shard a worker waits for is claimed by a
 producer (its claim says since when), and the producer's earlier shards say how long a shard
-takes (committed_at - claimed_at in their commit records). So a waiter sleeps `poll_s`
-while nothing it waits for is in progress, sleeps until the estimated landing while it is,
+takes (committed_at - claimed_at in their commit records; the shortest of the recent ones,
+to wake early rather than late). So a waiter sleeps `poll_s` while nothing it waits for is
+in progress, sleeps until the estimated landing while it is,
 and from then looks often: every `fast_s` at first, then at intervals of an eighth of the
 time it is overdue, capped at `poll_s`. An estimate that is right costs one or two looks and
 a hand-off latency of about `fast_s`; one that is wrong costs a logarithmic number of looks
@@ -18,14 +19,13 @@ and at most an eighth more than the producer took beyond it.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import deque
 from typing import Deque, Dict, Iterable, Optional
 
 # Claims read per look to estimate a landing (the first shards waited for are enough).
 MAX_CLAIMS_READ = 8
-# Durations remembered per kind of hand-off (their median is the estimate).
+# Durations remembered per kind of hand-off (their minimum is the estimate).
 HISTORY = 16
 
 
@@ -52,8 +52,10 @@ class Pacer:
             self._durations.setdefault(kind, deque(maxlen=HISTORY)).append(seconds)
 
     def typical(self, kind: str) -> Optional[float]:
+        """The shortest recent duration: waking early costs a few looks (the overdue backoff),
+        waking late costs latency, up to the estimate's error."""
         durations = self._durations.get(kind)
-        return statistics.median(durations) if durations else None
+        return min(durations) if durations else None
 
     def learn_records(self, stage: str, records: Dict[int, dict], step: int) -> None:
         """The producer's time per shard from commit records: committed_at - claimed_at."""
