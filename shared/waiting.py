@@ -14,7 +14,10 @@ in progress, sleeps until the estimated landing while it is,
 and from then looks often: every `fast_s` at first, then at intervals of an eighth of the
 time it is overdue, capped at `poll_s`. An estimate that is right costs one or two looks and
 a hand-off latency of about `fast_s`; one that is wrong costs a logarithmic number of looks
-and at most an eighth more than the producer took beyond it.
+and at most an eighth more than the producer took beyond it. Where many waiters compete for
+the same shards (hundreds of teachers), a waiter whose look found landed work already claimed
+by others doubles its shortest pause each time (``lost``), so the herd settles at `poll_s`
+while the workers that keep getting work keep looking fast.
 """
 
 from __future__ import annotations
@@ -37,6 +40,17 @@ class Pacer:
         self.fast_s = min(float(fast_s), self.poll_s)
         self._durations: Dict[str, Deque[float]] = {}
         self._seen: Dict[str, set] = {}
+        self.losses = 0  # looks in a row that found work only other workers' claims took
+
+    # -- competition
+    def lost(self) -> None:
+        """This look found work, but other workers claimed all of it: many waiters compete
+        for what lands, so this one backs off (fast_s x 2^losses) instead of joining every
+        race at fast_s; the workers that keep winning keep looking fast."""
+        self.losses = min(self.losses + 1, 16)
+
+    def won(self) -> None:
+        self.losses = 0
 
     # -- what the waiter learns
     def learn(self, kind: str, seconds: float, key=None) -> None:
@@ -86,9 +100,10 @@ class Pacer:
         now = time.time() if now is None else now
         if due_at is None:
             return self.poll_s
+        floor = self.fast_s * 2 ** self.losses
         if due_at > now:
-            return min(self.poll_s, max(self.fast_s, due_at - now))
-        return min(self.poll_s, max(self.fast_s, (now - due_at) / 8))
+            return min(self.poll_s, max(floor, due_at - now))
+        return min(self.poll_s, max(floor, (now - due_at) / 8))
 
     def sleep(self, due_at: Optional[float]) -> float:
         seconds = self.pause(due_at)

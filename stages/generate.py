@@ -414,7 +414,9 @@ class _GenerationWorker:
             with claim.start_heartbeat(q.heartbeat_s):
                 worked |= self.do_shard(step, index, prompts, rollouts, claim)
         if worked:
+            self.pacer.won()
             return "worked", f"step {step}: generated"
+        self.pacer.lost()
         return "idle", f"step {step}: shards {ready} claimed by other workers"
 
     def work_validation(self, may_load: bool) -> Tuple[str, str]:

@@ -59,10 +59,14 @@ class TeacherQueue:
             if due is not None:
                 self.due_at = due if self.due_at is None else min(self.due_at, due)
             while True:
-                claim = scored.claim_next(self.owner, candidates=[i for i in pending if i in committed])
+                candidates = [i for i in pending if i in committed]
+                claim = scored.claim_next(self.owner, candidates=candidates)
                 if claim is None:
+                    if candidates:
+                        self.pacer.lost()  # landed, and taken by other teachers
                     break
                 if scored.record(claim.index) is None:
+                    self.pacer.won()
                     return scored, rollouts, claim
                 # Committed by another worker between our pending() scan and the claim.
                 pending.remove(claim.index)
