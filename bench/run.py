@@ -37,6 +37,10 @@ TITLES = {
 }
 
 
+# Modules that need longer than the default (minutes of synthetic runs at scale).
+TIMEOUT_S = {"learn": 3600, "pipeline": 3600}
+
+
 def run_module(name: str, timeout_s: int = 1500) -> dict:
     """Run bench.bench_<name>.run(out) in a fresh process; returns its `out` (or an error)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -226,7 +230,7 @@ def main(argv=None) -> int:
         if not (REPO / "bench" / f"bench_{name}.py").exists():
             continue
         print(f"[bench] {name} ...", flush=True)
-        results[name] = run_module(name, timeout_s=3600 if name == "learn" else 1500)
+        results[name] = run_module(name, timeout_s=TIMEOUT_S.get(name, 1500))
         print(f"[bench] {name}: {'failed: ' + results[name]['error'] if 'error' in results[name] else 'done'} "
               f"({results[name].get('elapsed_s', 0):.0f}s)", flush=True)
     write_reports(results, out_path)
