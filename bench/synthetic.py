@@ -13,9 +13,9 @@ own code:
   validation, claims with heartbeats, commits with timings, STOP, SIGTERM) with an engine
   that sleeps ``synthetic.generate_s`` per shard, ``synthetic.reload_s`` per weights version,
   and answers every prompt with ``synthetic.response_tokens`` made-up tokens;
-- teacher: ``stages.teacher_queue.TeacherQueue`` (what rank 0 of stages.score claims and when
-  it waits) around ``synthetic.score_s`` per shard, committing scored shards of the real
-  schema (top-k of the run's k, made up);
+- teacher: ``stages.teacher_queue.TeacherQueue.serve``, rank 0's loop of stages.score (claims,
+  waits, reads, commits), around ``synthetic.score_s`` per shard, committing scored shards of
+  the real schema (top-k of the run's k, made up);
 - training: the trainer's order of work (stages.train): resume from the newest committed
   checkpoint, read scored shards in index order as they land (verified), ``synthetic.train_s``
   per shard, publish weights/<t> (``synthetic.export_s``), checkpoint every
@@ -41,7 +41,7 @@ from typing import List, Optional, Sequence
 from shared import schemas
 from shared.config import SluiceConfig
 from shared.files import atomic_write_json
-from shared.queue import ClaimLostError, CorruptShardError, NotCommittedError, StageQueue
+from shared.queue import CorruptShardError, NotCommittedError, StageQueue
 from shared.rundir import CHECKPOINTS, RunDir, commit_dir, committed_steps, temp_dir_for
 from shared.waiting import Pacer
 from shared.worker import StopRequested, Worker, load_run_config
@@ -121,33 +121,12 @@ def run_teacher(run_dir: str, step: Optional[int]) -> int:
         worker.beat("loading", f"teacher {cfg.teacher.model_name} (synthetic)")
         _nap(worker, cfg.synthetic.load_s)
         tq = TeacherQueue(run_dir, cfg, worker, step)
-        while not tq.done():
-            found = tq.next_claim()
-            if found is None:
-                worker.beat("waiting", "no claimable scored shard")
-                tq.pacer.sleep(tq.due_at)
-                continue
-            scored_q, rollouts_q, claim = found
-            where = f"step {scored_q.step} shard {claim.index}"
-            with claim.start_heartbeat(cfg.queue.heartbeat_s):
-                try:
-                    rollouts = rollouts_q.read(claim.index)
-                except CorruptShardError as e:
-                    log.error("%s", e)
-                    continue
-                worker.beat("scoring", where)
-                started = time.perf_counter()
-                _nap(worker, cfg.synthetic.score_s)
-                table = scored_table(rollouts, k, cfg.teacher.model_name)
-                score_s = time.perf_counter() - started
-                worker.beat("committing", where)
-                try:
-                    scored_q.commit(claim.index, table, claim=claim, extra_meta={
-                        "score_s": round(score_s, 4), "tokens": 0, "dropped_samples": 0})
-                except ClaimLostError as e:
-                    log.warning("%s", e)
-                    continue
-            tq.committed += 1
+
+        def score(rollouts, step: int, where: str):
+            _nap(worker, cfg.synthetic.score_s)
+            return scored_table(rollouts, k, cfg.teacher.model_name), {"tokens": 0, "dropped_samples": 0}
+
+        tq.serve(score)
     except StopRequested:
         pass
     except BaseException as e:

@@ -57,7 +57,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -72,7 +71,6 @@ from shared.config import SluiceConfig
 from shared.distributed import (TORCH_DTYPES, Dist, broadcast_object, build_sharded, cuda_available,
                                 exit_now, setup_distributed)
 from shared.models import ensure_model
-from shared.queue import ClaimLostError, CorruptShardError
 from shared.worker import StopRequested, Worker, fault_point, load_run_config
 from stages.teacher_queue import TeacherQueue
 
@@ -593,47 +591,20 @@ def _lead(run_dir, worker: Worker, step: Optional[int], once: bool) -> int:
         teacher = load_teacher(cfg)
     builder = context_builder(cfg)
     leader = TeacherQueue(run_dir, cfg, worker, step)
-    while True:
-        if leader.done():
-            broadcast_object("stop")
-            break
-        found = leader.next_claim()
-        if found is None:
-            if once:
-                broadcast_object("stop")
-                break
-            worker.beat("waiting", detail="no claimable scored shard")
-            broadcast_object("idle")
-            leader.pacer.sleep(leader.due_at)
-            continue
-        scored_q, rollouts_q, claim = found
-        where = f"step {scored_q.step} shard {claim.index}"
-        with claim.start_heartbeat(cfg.queue.heartbeat_s):
-            try:
-                rollouts = rollouts_q.read(claim.index)
-            except CorruptShardError as e:
-                log.error("%s", e)  # quarantined: generation redoes it, we score it after
-                broadcast_object("idle")
-                continue
-            broadcast_object(_table_bytes(rollouts))
-            worker.beat("scoring", detail=where, force=True)
-            started = time.perf_counter()
-            with worker.interruptible():
-                fault_point("score_shard", scored_q.step)  # tests: a forward that takes very long
-                table, extra = score_table(teacher, rollouts, builder, progress=lambda done, total: worker.beat(
-                    "scoring", detail=f"{where}: {done}/{total} tokens"))
-            score_s = time.perf_counter() - started
-            worker.beat("committing", detail=where)
-            extra.update({"score_s": round(score_s, 3), "tokens": _teacher_tokens(table),
-                          "dropped_samples": int(pc.sum(pc.equal(table.column("sample_mask"), 0)).as_py())})
-            try:
-                scored_q.commit(claim.index, table, extra_meta=extra, claim=claim)
-            except ClaimLostError as e:
-                log.warning("%s", e)
-                continue
-        leader.committed += 1
-        log.info("committed scored %s: %d rows, %d tokens in %.2fs", where, table.num_rows,
-                 extra["tokens"], score_s)
+
+    def score(rollouts: pa.Table, step: int, where: str) -> tuple[pa.Table, dict]:
+        with worker.interruptible():
+            fault_point("score_shard", step)  # tests: a forward that takes very long
+            table, extra = score_table(teacher, rollouts, builder, progress=lambda done, total: worker.beat(
+                "scoring", detail=f"{where}: {done}/{total} tokens"))
+        extra.update({"tokens": _teacher_tokens(table),
+                      "dropped_samples": int(pc.sum(pc.equal(table.column("sample_mask"), 0)).as_py())})
+        return table, extra
+
+    def announce(message) -> None:  # what the other ranks forward: "stop", "idle" or a shard
+        broadcast_object(_table_bytes(message) if isinstance(message, pa.Table) else message)
+
+    leader.serve(score, once=once, announce=announce)
     worker.finish("done" if step is not None else "exited")
     return leader.committed
 

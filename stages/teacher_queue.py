@@ -1,22 +1,26 @@
-"""The teacher's side of the queue, without torch: which scored shard to claim next.
+"""The teacher's side of the queue, without torch: which scored shard to claim, and the loop.
 
     tq = TeacherQueue(RUN_DIR, cfg, worker, step=None)
-    found = tq.next_claim()        # (scored_queue, rollouts_queue, claim) or None
-    if found is None: tq.pacer.sleep(tq.due_at)
+    tq.serve(score)    # score(rollouts_table, step, where) -> (scored_table, extra): claim, read,
+                       # score, commit, until STOP (or the step is complete)
 
-stages/score.py runs it on rank 0 around the model; bench/synthetic.py around a sleep.
+stages/score.py serves with the model on rank 0 (and tells its other ranks what to forward
+through `announce`); bench/synthetic.py serves with a sleep.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from shared.config import SluiceConfig
-from shared.queue import Owner, StageQueue
+from shared.queue import ClaimLostError, CorruptShardError, Owner, StageQueue
 from shared.rundir import RunDir, active_steps
 from shared.waiting import Pacer
 from shared.worker import Worker
+
+log = logging.getLogger("sluice.score")
 
 
 class TeacherQueue:
@@ -77,3 +81,49 @@ class TeacherQueue:
         if self.worker.should_stop():
             return True
         return self.step is not None and self._queues(self.step)[1].is_complete(fast=True)
+
+    def serve(self, score: Callable, once: bool = False, announce: Callable = lambda message: None) -> int:
+        """Claim, read, score and commit scored shards until STOP (or, with a step, until it is
+        complete; `once`: until nothing is claimable). `score(rollouts, step, where)` returns
+        (scored table, extra for the commit record); `announce` hears "stop", "idle" (every
+        look that found nothing) and each rollouts table before it is scored. Returns the
+        shards committed."""
+        cfg, worker = self.cfg, self.worker
+        while True:
+            if self.done():
+                announce("stop")
+                break
+            found = self.next_claim()
+            if found is None:
+                if once:
+                    announce("stop")
+                    break
+                worker.beat("waiting", detail="no claimable scored shard")
+                announce("idle")
+                self.pacer.sleep(self.due_at)
+                continue
+            scored_q, rollouts_q, claim = found
+            where = f"step {scored_q.step} shard {claim.index}"
+            with claim.start_heartbeat(cfg.queue.heartbeat_s):
+                try:
+                    rollouts = rollouts_q.read(claim.index)
+                except CorruptShardError as e:
+                    log.error("%s", e)  # quarantined: generation redoes it, we score it after
+                    announce("idle")
+                    continue
+                announce(rollouts)
+                worker.beat("scoring", detail=where, force=True)
+                started = time.perf_counter()
+                table, extra = score(rollouts, scored_q.step, where)
+                score_s = time.perf_counter() - started
+                worker.beat("committing", detail=where)
+                extra["score_s"] = round(score_s, 3)
+                try:
+                    scored_q.commit(claim.index, table, extra_meta=extra, claim=claim)
+                except ClaimLostError as e:
+                    log.warning("%s", e)
+                    continue
+            self.committed += 1
+            log.info("committed scored %s: %d rows, %d tokens in %.2fs", where, table.num_rows,
+                     extra.get("tokens", 0), score_s)
+        return self.committed

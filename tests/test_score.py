@@ -287,7 +287,7 @@ def test_worker_commits_every_shard_once(tiny_dir, teacher, tmp_path):
     assert score.run_worker(rd.root, step=1, once=True) == 0
     assert {k: r["commit_id"] for k, r in scored.committed().items()} == \
         {k: r["commit_id"] for k, r in records.items()}
-    status = [json.loads(p.read_text()) for p in rd.path("workers", "teacher").iterdir()]
+    status = [json.loads(p.read_text()) for p in rd.path("workers", "teacher").glob("*.json")]
     assert status and all(s["status"] == "done" for s in status)
 
 
