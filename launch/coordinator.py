@@ -324,7 +324,7 @@ class Coordinator:
             sq = StageQueue(self.rd, step, stage)
             if sq.expected() is None:
                 sq.expect(n)
-        pending = q.pending()
+        pending = q.pending(fast=True)  # every poll, for every step ahead: never a listing
         if not pending:
             return
         d = self.cfg.distillation

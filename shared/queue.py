@@ -760,6 +760,11 @@ class StageQueue:
         for _ in range(2):
             claim = self._create_claim(path, index, owner)
             if claim is None:
+                try:  # a heartbeat rewrites the file: a fresh mtime is a fresh claim, no read
+                    if time.time() - os.stat(path).st_mtime <= self.lease_s:
+                        return None
+                except FileNotFoundError:
+                    continue  # released between our create and stat: try once more
                 seen = _look(path)
                 if seen is None:
                     continue  # released between our create and look: try once more
