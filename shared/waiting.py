@@ -72,8 +72,11 @@ class Pacer:
         return min(durations) if durations else None
 
     def learn_records(self, stage: str, records: Dict[int, dict], step: int) -> None:
-        """The producer's time per shard from commit records: committed_at - claimed_at."""
-        for index, r in records.items():
+        """The producer's time per shard from commit records: committed_at - claimed_at. Only
+        the highest-indexed HISTORY records (the latest, as shards are claimed in index
+        order): a look costs the same at 64 shards as at 4096."""
+        for index in sorted(records)[-HISTORY:]:
+            r = records[index]
             start, end = r.get("claimed_at"), r.get("committed_at")
             if isinstance(start, (int, float)) and isinstance(end, (int, float)):
                 self.learn(stage, end - start, key=(step, index, r.get("commit_id")))
@@ -95,6 +98,11 @@ class Pacer:
         return min(landings, default=None)
 
     # -- sleeping
+    @staticmethod
+    def earliest(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        """The sooner of two due times, either of which may be unknown (None)."""
+        return b if a is None else a if b is None else min(a, b)
+
     def pause(self, due_at: Optional[float], now: Optional[float] = None) -> float:
         """How long to sleep before the next look (see the module docstring)."""
         now = time.time() if now is None else now

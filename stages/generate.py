@@ -376,10 +376,6 @@ class _GenerationWorker:
         scored_at = self._last_scored_at(version) if version >= 1 else None
         return None if scored_at is None else scored_at + (self.pacer.typical("weights") or 0.0)
 
-    def _due(self, at: Optional[float]) -> None:
-        if at is not None:
-            self.due_at = at if self.due_at is None else min(self.due_at, at)
-
     def work_step(self, step: int) -> Tuple[str, str]:
         """Do what is claimable in `step`. Returns (outcome, detail), outcome one of
         'complete', 'worked', 'no_weights' (no allowed weights version yet), 'idle'."""
@@ -396,7 +392,7 @@ class _GenerationWorker:
         picked = pick_weights(self.rd, step, self.cfg.distillation.max_staleness)
         if picked is None:
             lowest = step - 1 - self.cfg.distillation.max_staleness
-            self._due(self._weights_due(lowest))
+            self.due_at = self.pacer.earliest(self.due_at, self._weights_due(lowest))
             return "no_weights", f"step {step}: waiting for weights version >= {lowest}"
         prompts = StageQueue(self.rd, step, "prompts", lease_s=q.lease_s)
         committed = prompts.committed(fast=True)

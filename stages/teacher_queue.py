@@ -59,9 +59,8 @@ class TeacherQueue:
                 self.finished_steps[step] = time.monotonic()
                 continue
             committed = rollouts.committed(fast=True)
-            due = self.pacer.due(rollouts, [i for i in pending if i not in committed], committed)
-            if due is not None:
-                self.due_at = due if self.due_at is None else min(self.due_at, due)
+            self.due_at = self.pacer.earliest(
+                self.due_at, self.pacer.due(rollouts, [i for i in pending if i not in committed], committed))
             while True:
                 candidates = [i for i in pending if i in committed]
                 claim = scored.claim_next(self.owner, candidates=candidates)
