@@ -69,7 +69,7 @@ UNKNOWN_GRACE_S = 300.0
 REQUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 # Ends that are the scheduler's doing, never a failure (besides a stop on the pre-timeout
 # signal, which ends COMPLETED with RUN_DIR/jobs/<id>.json saying so).
-SCHEDULER_END_STATES = {"TIMEOUT", "PREEMPTED"}
+SCHEDULER_END_STATES = {"TIMEOUT", "PREEMPTED", "ALLOCATION_ENDED"}
 # A worker record that started this long before its job's current start is of an earlier
 # incarnation (requeueing takes Slurm two minutes, so incarnations are far apart).
 INCARNATION_SLACK_S = 30.0
@@ -551,6 +551,9 @@ class Coordinator:
             self._running.pop(key, None)
             outcome = self._judge_end(key, job, state)
             if outcome == "failed":
+                fatal = self.executor.failure_is_fatal(job, state)
+                if fatal:
+                    raise RunFailed(fatal)
                 said = "".join(f"\n  {line}" for line in self._failure_reports(job_id))
                 self._count_retry(key, f"job {job_id} ({key}) ended {state}.{said}\nLog: "
                                        f"{job.paths.stderr}\n--- last lines ---\n{J.stderr_tail(job)}")
@@ -806,6 +809,8 @@ class Coordinator:
                 self.save_state()
                 if _HANDOFF.is_set():
                     self.event("coordinator_stopping", reason="time limit of its job: handing over")
+                    if self.kind == "allocation":
+                        self.stop_steps_for_time_limit()
                     return HANDED_OFF
                 time.sleep(self.poll_s)
             return self.finish()
@@ -820,6 +825,15 @@ class Coordinator:
         finally:
             if self.logger is not None:
                 self.logger.close()
+
+    def stop_steps_for_time_limit(self) -> None:
+        """The allocation's pre-timeout signal: its job steps stop as role jobs stop at theirs
+        (the trainer checkpoints), within the signal's lead less a margin for the successor."""
+        budget = max(10.0, self.cfg.cluster.signal_delay_s - 30.0)
+        self.executor.stop_steps(list(self.jobs.values()), budget)
+        self.event("steps_stopped", reason="time limit of the allocation",
+                   jobs=sorted(str(j.job_id) for j in self.jobs.values()))
+        self.save_state()
 
     def stop_all(self, timeout_s: float = 120) -> None:
         self.executor.wait_all(list(self.jobs.values()), timeout_s)

@@ -54,6 +54,13 @@ def scrub_secrets(text: str) -> str:
 
 
 def resolve_executor(requested: str) -> str:
+    if requested == "allocation":
+        if shutil.which("sbatch") is None and not os.environ.get("SLURM_JOB_ID"):
+            raise UserError("config error: launch.executor='allocation': sbatch is not on PATH and "
+                            "this process runs in no Slurm allocation. Fix: run on a Slurm login "
+                            "node (launch.run submits the allocation), inside an salloc, or use "
+                            "launch.executor=local.")
+        return requested
     if requested != "auto":
         if requested == "slurm" and shutil.which("sbatch") is None:
             raise UserError("config error: launch.executor='slurm': sbatch is not on PATH. "
@@ -105,9 +112,26 @@ def ensure_models(cfg) -> None:
             ensure_model(name, key)
 
 
+def in_allocation(cfg) -> bool:
+    """launch.executor=allocation inside a Slurm allocation (salloc, or slurm/sluice.sbatch):
+    the coordinator runs here, in the foreground."""
+    return cfg.launch.executor == "allocation" and bool(os.environ.get("SLURM_JOB_ID"))
+
+
 def start(conf: str, cfg, node, plan) -> int:
-    run_dir = Path(cfg.launch.run_dir).expanduser().resolve() if cfg.launch.run_dir \
-        else default_run_dir(cfg.launch.name or Path(conf).stem).resolve()
+    if cfg.launch.run_dir:
+        run_dir = Path(cfg.launch.run_dir).expanduser().resolve()
+    elif in_allocation(cfg):
+        # The same directory when Slurm requeues the job and this command runs again.
+        base = Path(os.environ.get("SLUICE_RUNS", Path.cwd() / "runs"))
+        run_dir = (base / f"{cfg.launch.name or Path(conf).stem}-job{os.environ['SLURM_JOB_ID']}").resolve()
+    else:
+        run_dir = default_run_dir(cfg.launch.name or Path(conf).stem).resolve()
+    if in_allocation(cfg):
+        from launch.executors.allocation import Allocation
+        from shared.partition import job_units
+
+        Allocation.current().check(plan, job_units(plan, True))
     if RunDir(run_dir).run_file.exists():
         from launch.coordinator import describe_lock, live_coordinator
 
@@ -137,6 +161,8 @@ def start(conf: str, cfg, node, plan) -> int:
         if warning:
             print(warning, file=sys.stderr)
         print(f"Run directory: {run_dir}")
+    if executor == "allocation":
+        return start_allocation(conf, cfg, plan, run_dir)
     watch = (f"  watch:   python -m launch.inspect {run_dir}\n"
              f"  log:     tail -f {run_dir}/logs/coordinator/coordinator.log\n"
              f"  resume:  python -m launch.run conf={conf} launch.run_dir={run_dir}")
@@ -160,4 +186,34 @@ def start(conf: str, cfg, node, plan) -> int:
                                 cwd=os.getcwd())
     atomic_write_json(log_dir / "coordinator.pid.json", {"pid": proc.pid, "started": time.time()})
     print(f"Coordinator: local process {proc.pid}\n{watch}")
+    return 0
+
+
+def start_allocation(conf: str, cfg, plan, run_dir: Path) -> int:
+    """launch.executor=allocation: inside an allocation, run the coordinator here; on a login
+    node, submit the run's allocation (RUN_DIR/coordinator/allocation.sbatch)."""
+    from launch.executors import allocation as A
+    from launch.executors.base import SchedulerError, job_name
+
+    if os.environ.get("SLURM_JOB_ID"):
+        print(f"  watch:   python -m launch.inspect {run_dir}", flush=True)
+        return A.run_in_allocation(run_dir)
+    name = job_name(run_dir, "allocation")
+    queued = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True,
+                            text=True).stdout.split("\n")[0].strip()
+    if queued:
+        raise UserError(f"the allocation of {run_dir} is already in the queue (job {queued}). "
+                        f"Fix: wait for it (python -m launch.inspect {run_dir}), or scancel it "
+                        "first to start another.")
+    try:
+        job_id = A.submit_allocation(cfg, plan, run_dir)
+    except SchedulerError as e:
+        raise UserError(f"cannot submit the allocation of {run_dir}: {e}. Fix: check the "
+                        "cluster.* keys (partition, account, qos, time_limit) against sinfo and "
+                        "sacctmgr, then resume with the same command.") from e
+    print(f"Allocation: Slurm job {job_id} ({plan.num_nodes} node(s); the coordinator and every "
+          f"role run inside it)\n"
+          f"  watch:   python -m launch.inspect {run_dir}\n"
+          f"  log:     tail -f {run_dir}/logs/allocation/{job_id}.out\n"
+          f"  resume:  python -m launch.run conf={conf} launch.run_dir={run_dir}", flush=True)
     return 0

@@ -46,7 +46,7 @@ WandbMode = Literal["online", "offline", "disabled", "shared", "dryrun", "run"]
 """logger.wandb.mode (or null): the modes wandb.init accepts."""
 MemoryCheck = Literal["refuse", "warn", "off"]
 """cluster.memory_check."""
-ExecutorKind = Literal["auto", "slurm", "local"]
+ExecutorKind = Literal["auto", "slurm", "local", "allocation"]
 """launch.executor."""
 Compression = Literal["zstd"]
 """queue.compression (or null)."""
@@ -627,7 +627,9 @@ class ClusterConfig:
 @dataclass
 class LaunchConfig:
     executor: Annotated[str, ExecutorKind] = "auto"
-    """slurm, local, or auto (slurm when sbatch is on PATH, else local)."""
+    """slurm (one Slurm job per role and node group), allocation (the whole run inside one
+    allocation: sbatch -N<cluster.num_nodes>, roles as job steps on their own nodes), local, or
+    auto (slurm when sbatch is on PATH, else local)."""
     run_dir: Optional[str] = None
     """Run directory (null: runs/<name>-<timestamp>). An existing run directory is resumed."""
     name: Optional[str] = None

@@ -4,8 +4,10 @@
     ex = make_executor("slurm", run_dir, cfg, plan)
     for unit in ex.units(): job = ex.submit(unit)
 
-`local` (submitit's local executor: make smoke, CI, laptops) and `slurm` (sbatch through
-submitit) implement `base.Executor`; the coordinator only uses that interface.
+`local` (submitit's local executor: make smoke, CI, laptops), `slurm` (sbatch through
+submitit: one job per role and node group) and `allocation` (the run inside one allocation,
+the roles as srun job steps) implement `base.Executor`; the coordinator only uses that
+interface.
 """
 
 from __future__ import annotations
@@ -28,4 +30,8 @@ def make_executor(kind: str, run_dir, cfg, plan) -> Executor:
         from launch.executors.slurm import SlurmExecutor
 
         return SlurmExecutor(run_dir, cfg, plan)
+    if kind == "allocation":
+        from launch.executors.allocation import AllocationExecutor
+
+        return AllocationExecutor(run_dir, cfg, plan)
     raise ValueError(f"unknown executor {kind!r}: one of {', '.join(EXECUTORS)}")

@@ -43,7 +43,7 @@ from shared.slurm_time import minutes
 
 # Job states after which a job is gone for good (first word of sacct's state).
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-                 "BOOT_FAIL", "DEADLINE", "INTERRUPTED", "VANISHED"}
+                 "BOOT_FAIL", "DEADLINE", "INTERRUPTED", "VANISHED", "ALLOCATION_ENDED"}
 LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING",
                "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
 # Seconds a worker gets to stop on SIGTERM (release its claims) before it is killed.
@@ -131,6 +131,21 @@ def worker_command(w: WorkerPlan, run_dir: str, ctx: LaunchContext, step: Option
 SYNTHETIC_MODULE = "bench.synthetic"
 
 
+def step_first_node_addr() -> str:
+    """The address of the first node of this job step (SLURM_STEP_NODELIST): its NodeAddr as
+    Slurm knows it (what slurmd listens on), so no name lookup of the node name is needed."""
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                         check=True)
+    first = out.stdout.split()[0]
+    shown = subprocess.run(["scontrol", "show", "node", "-o", first], capture_output=True,
+                           text=True).stdout
+    for field_ in shown.split():
+        if field_.startswith("NodeAddr="):
+            return field_[len("NodeAddr="):]
+    return first
+
+
 def visible_devices(indices: Sequence[int], inherited: Optional[str]) -> str:
     """CUDA_VISIBLE_DEVICES of a worker: `indices` into the devices its job sees (`inherited`,
     the job's own CUDA_VISIBLE_DEVICES), or the indices themselves when the job sets none."""
@@ -155,6 +170,9 @@ class UnitTask:
     """Process only this step, then exit (launch.resubmit on a finished run)."""
     synthetic: bool = False
     """Start the synthetic stand-in of each role (synthetic.enabled)."""
+    in_allocation: bool = False
+    """A job step of the run's allocation (launch.executor=allocation), started by srun from
+    the coordinator's node rather than from the job's own first node."""
     _child: Optional[subprocess.Popen] = field(default=None, repr=False, compare=False)
     _stop_reason: Optional[str] = field(default=None, repr=False, compare=False)
 
@@ -174,6 +192,9 @@ class UnitTask:
         port = str(rdzv_port(job_id))
         if self.local:
             return LaunchContext(job_id, "127.0.0.1", port)
+        if self.in_allocation:
+            # srun ran on the coordinator's node: the step's first node hosts the rendezvous.
+            return LaunchContext(job_id, step_first_node_addr(), port)
         # srun ran on the batch host, the job's first node: its address needs no name lookup.
         host = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
         if not host:
@@ -189,8 +210,9 @@ class UnitTask:
         if self.local:
             timeout = os.environ.get("SUBMITIT_LOCAL_TIMEOUT_S")
             return time.time() + float(timeout) if timeout else None
+        slurm_job = os.environ.get("SLURM_JOB_ID", "") if self.in_allocation else self._job_id
         try:
-            out = subprocess.run(["squeue", "-h", "-j", self._job_id, "-o", "%e"], capture_output=True,
+            out = subprocess.run(["squeue", "-h", "-j", slurm_job, "-o", "%e"], capture_output=True,
                                  text=True, timeout=60)
             return time.mktime(time.strptime(out.stdout.strip(), "%Y-%m-%dT%H:%M:%S"))
         except (OSError, subprocess.TimeoutExpired, ValueError):
@@ -200,10 +222,15 @@ class UnitTask:
         import submitit
 
         jenv = submitit.JobEnvironment()
-        self._job_id = str(jenv.job_id)
-        w = self.my_worker(jenv.node, jenv.local_rank)
+        return self.run(str(jenv.job_id), jenv.node, jenv.local_rank, jenv.global_rank)
+
+    def run(self, job_id: str, node: int, local_rank: int, global_rank: int) -> int:
+        """Start this task's worker and wait for it: the task (`node`, `local_rank`) of job
+        `job_id` (submitit's job, or the coordinator's name for an allocation's step)."""
+        self._job_id = job_id
+        w = self.my_worker(node, local_rank)
         if w is None:  # a spare task slot on a node with fewer workers than others
-            print(f"[sluice {self.unit.key}] task {jenv.global_rank}: no worker here", flush=True)
+            print(f"[sluice {self.unit.key}] task {global_rank}: no worker here", flush=True)
             return 0
         env = dict(os.environ)
         env[jobenv.JOB_ID] = self._job_id
@@ -239,7 +266,7 @@ class UnitTask:
             if self.local and len(self.unit.workers) > 1:
                 # srun --kill-on-bad-exit does this on Slurm: the job ends, and is resubmitted whole.
                 os.kill(os.getppid(), signal.SIGTERM)
-            raise RuntimeError(f"sluice {w.role} worker (task {w.task}, job {jenv.job_id}) ended "
+            raise RuntimeError(f"sluice {w.role} worker (task {w.task}, job {job_id}) ended "
                                f"with {why}; its output is above")
         return rc
 
@@ -341,6 +368,10 @@ class Executor:
 
     def cancel(self, job, grace_s: float = 10.0) -> None:
         raise NotImplementedError
+
+    def failure_is_fatal(self, job, state: str) -> Optional[str]:
+        """Why the run cannot go on after `job` ended in `state` (None: resubmit it)."""
+        return None
 
     def live_jobs(self) -> Dict[str, str]:
         """Live jobs of this run (not one-shot redo jobs): job id -> job key."""
