@@ -157,7 +157,9 @@ class SyntheticTrainer:
         return self.step
 
     def _publish(self, final: Path, meta: dict) -> None:
-        _nap(self.worker, self.cfg.synthetic.export_s)
+        # A save is never abandoned (as the trainer's): a stop is seen once it is written,
+        # and the step it ends is then checkpointed.
+        time.sleep(self.cfg.synthetic.export_s)
         tmp = temp_dir_for(final)
         (tmp / "synthetic.txt").write_text(f"{meta}\n")
         commit_dir(tmp, final, {**meta, "format": "synthetic"})

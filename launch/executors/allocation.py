@@ -62,10 +62,8 @@ SCRIPT = "allocation.sbatch"
 # squeue is asked about the steps at most this often.
 SQUEUE_INTERVAL_S = 2.0
 # What srun writes when a node of the step failed or cannot run it.
-_NODE_FAILURE = re.compile(
-    r"(?:Node failure on|NODE_FAIL|Task launch for \S+ failed on node|"
-    r"Required node not available|Unable to create step for job[^\n]*(?:node|Node))[^\n]*")
-_NODE_NAME = re.compile(r"(?:on node |on |node )([A-Za-z0-9_.\-\[\],]+)")
+_NODE_FAILURE = re.compile(r"Node failure on|NODE_FAIL|Task launch for \S+ failed on node|"
+                           r"Required node not available")
 
 
 def _run(cmd: List[str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -200,8 +198,7 @@ def srun_command(cfg, unit: JobPlan, hosts: Sequence[str], name: str, run_dir: s
 
 def node_failure(text: str) -> Optional[str]:
     """srun's report of a failed node in its output (the line), if any."""
-    m = _NODE_FAILURE.search(text)
-    return m.group(0).strip() if m else None
+    return next((line.strip() for line in text.splitlines() if _NODE_FAILURE.search(line)), None)
 
 
 class StepJob:
