@@ -63,14 +63,19 @@ def _resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int
     said: List[str] = []
     if step is not None and stage == "generation":
         _check_weights_kept(rd, cfg, step)
-    if step is not None:
-        said += _invalidate_shards(rd, stage, step, shard)
-    if live_workers(rd, stage, cfg.queue.lease_s):
-        said.append(f"a live {stage} worker will redo it")
-        return said, None
     from launch.executors import base as J, make_executor
 
     executor = make_executor(run["executor"], rd.root, cfg, Plan.from_dict(run["plan"]))
+    live = live_workers(rd, stage, cfg.queue.lease_s)
+    if not live:  # before anything is invalidated: a job must be possible
+        problem = executor.submit_problem(J.one_shot_unit(executor.units(), stage))
+        if problem:
+            raise UserError(f"no live {stage} worker of {rd.root} to redo it, and {problem}")
+    if step is not None:
+        said += _invalidate_shards(rd, stage, step, shard)
+    if live:
+        said.append(f"a live {stage} worker will redo it")
+        return said, None
     job = executor.submit(J.one_shot_unit(executor.units(), stage), step=step)
     said.append(f"no live {stage} worker: submitted job {job.job_id}"
                 + (f" to redo step {step}" if step is not None else ""))

@@ -64,6 +64,11 @@ def print_dry_run(cfg, node, plan) -> None:
     from shared.memory import memory_plan
 
     print(memory_plan(cfg, plan).format(), end="")
+    if cfg.launch.executor == "allocation":
+        from launch.executors.allocation import render_allocation
+
+        print(render_allocation(cfg, plan), end="")
+        return
     from launch.executors.slurm import render_run
 
     print(render_run(cfg, plan), end="")

@@ -380,9 +380,52 @@ def role_report(rd: RunDir, sacct: Optional[Dict[str, dict]] = None,
     return report
 
 
+def allocation_ids(rd: RunDir) -> List[str]:
+    """The allocations of an allocation run (launch.executor=allocation): those its job
+    steps ran in (a step's job id begins with its allocation's), and each successor."""
+    ids = {job_id.split(".")[0] for job_id in run_jobs(rd, [])}
+    for e in read_events(rd):
+        if e.get("event") == "allocation_handoff":
+            ids |= {str(e.get("from_job")), str(e.get("to_job"))}
+    return sorted(i for i in ids if i.isdigit())
+
+
+def allocation_report(rd: RunDir, plan: Plan, acct: Dict[str, dict]) -> Dict[str, dict]:
+    """role_report of an allocation run with sacct's numbers: every allocation's GPU-hours
+    (elapsed x the GPUs it held) shared out by the nodes each role's job steps hold (and, on
+    a node two roles share, by the GPUs each uses), and its queue wait counted for every
+    role, as all of them wait for it."""
+    report = role_report(rd)
+    share = {r: 0.0 for r in report}
+    for u in job_units(plan, merge_shared_nodes=True):
+        used = sum(len(w.gpus) for w in u.workers) or 1
+        for r in u.roles:
+            if r in share:
+                share[r] += len(u.nodes) / plan.num_nodes * \
+                    sum(len(w.gpus) for w in u.workers if w.role == r) / used
+    hours = {r: 0.0 for r in report}
+    wait = {r: 0.0 for r in report}
+    pending = 0
+    for a in acct.values():
+        held = a["alloc_gpus"] if a["alloc_gpus"] is not None else plan.num_nodes * plan.gpus_per_node
+        pending += a["start"] is None
+        for r in report:
+            hours[r] += a["elapsed_s"] * held * share[r] / 3600
+            wait[r] += a.get("queue_wait_s", 0.0)
+    for r, rep in report.items():
+        rep.update(gpu_hours=round(hours[r], 6), gpu_hours_source="sacct",
+                   queue_wait_s=round(wait[r], 3), pending_jobs=pending)
+    return report
+
+
 def run_report(rd: RunDir) -> Dict[str, dict]:
     """role_report with sacct's numbers when the run is on Slurm (run.json's executor)."""
-    _, executor = read_plan(rd)
+    plan, executor = read_plan(rd)
+    if executor == "allocation" and plan is not None:
+        try:
+            return allocation_report(rd, plan, sacct_jobs(allocation_ids(rd)))
+        except SacctError as e:
+            return role_report(rd, sacct_error=str(e).splitlines()[0] if str(e) else "no output")
     if executor != "slurm":
         return role_report(rd)
     try:

@@ -248,7 +248,33 @@ def test_a_run_outlives_the_time_limits_of_its_allocations(slurm_cluster, tmp_pa
         assert len(limits) == len(handoffs), (key, limits)
     state = json.loads((run_dir / "coordinator" / "state.json").read_text())
     assert state["retries"] == {"generation-n1": 0, "teacher-n2": 0, "training-n0": 0}
+    held_s = 0.0
     for job in chain:
-        row = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"],
+        row = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State,ElapsedRaw,AllocTRES"],
                              capture_output=True, text=True).stdout.strip()
-        assert row == "COMPLETED", (job, row)
+        state, elapsed, tres = row.split("|")
+        assert state == "COMPLETED", (job, row)
+        held_s += int(elapsed) * int(tres.split("gres/gpu=")[1].split(",")[0])
+    # Where the GPU-hours go: every allocation's GPU-hours, shared out between the roles.
+    from launch.timeline import run_report
+    from shared.rundir import RunDir
+
+    report = run_report(RunDir(run_dir))
+    assert {r["gpu_hours_source"] for r in report.values()} == {"sacct"}, report
+    assert abs(sum(r["gpu_hours"] for r in report.values()) - held_s / 3600) < 1e-5, (report, held_s)
+    assert len({r["gpu_hours"] for r in report.values()}) == 1  # a node each, the same GPUs
+
+    # launch.resubmit of a finished run: outside any allocation it says how, and touches nothing;
+    # inside one (salloc) it runs the redo as a one-shot step.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    redo = [sys.executable, "-m", "launch.resubmit", str(run_dir), "--stage", "teacher", "--step", "3"]
+    res = subprocess.run(redo, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "no live teacher worker" in res.stderr and "salloc -N3 --gres=gpu:1 <same command>" in res.stderr, res.stderr
+    assert_every_step_once(run_dir, LIMIT_STEPS, 16)  # nothing was invalidated
+    res = subprocess.run(["salloc", "-N3", "--gres=gpu:1", *redo, "--wait", "--timeout", "120"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert "invalidated step 3 scored shard 0" in res.stdout and "no live teacher worker: submitted job " \
+        in res.stdout and "step 3 scored complete" in res.stdout, res.stdout
+    assert_every_step_once(run_dir, LIMIT_STEPS, 16)

@@ -31,10 +31,12 @@ def rendered(recipe: str) -> str:
 
 @pytest.mark.parametrize("recipe", recipe_names())
 def test_what_is_submitted_matches_golden(recipe, request):
-    path = GOLDEN / f"{recipe}.txt"
-    text = rendered(recipe)
+    _compare(GOLDEN / f"{recipe}.txt", rendered(recipe), recipe, request)
+
+
+def _compare(path: Path, text: str, recipe: str, request) -> None:
     if request.config.getoption("--update-golden"):
-        GOLDEN.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     assert path.exists(), f"no golden file {path}: run `make golden` and review it"
     want = path.read_text()
@@ -45,8 +47,18 @@ def test_what_is_submitted_matches_golden(recipe, request):
                     "and commit the reviewed diff.", pytrace=False)
 
 
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_what_an_allocation_starts_matches_golden(recipe, request):
+    """launch.executor=allocation: the batch script and every job step's srun."""
+    from launch.executors.allocation import render_allocation
+
+    cfg, _ = load(recipe, [])
+    _compare(GOLDEN / "allocation" / f"{recipe}.txt", render_allocation(cfg, validate(cfg)), recipe, request)
+
+
 def test_every_golden_file_has_a_recipe():
-    stale = sorted(p.stem for p in GOLDEN.glob("*.txt") if p.stem not in recipe_names())
+    stale = sorted(p.stem for p in [*GOLDEN.glob("*.txt"), *GOLDEN.glob("allocation/*.txt")]
+                   if p.stem not in recipe_names())
     assert not stale, f"golden files without a recipe: {stale}; delete them"
 
 

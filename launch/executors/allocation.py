@@ -245,6 +245,21 @@ class AllocationExecutor(Executor):
     def check(self) -> None:
         require_allocation("the coordinator").check(self.plan, self.units())
 
+    def submit_problem(self, unit: JobPlan) -> Optional[str]:
+        gpus = self.cfg.cluster.gpus_per_node
+        how = (f"run this command inside an allocation of the run's shape: salloc "
+               f"-N{self.plan.num_nodes} --gres=gpu:{gpus} <same command> (the step runs on its "
+               f"plan nodes {list(unit.nodes)}), or resume the run with python -m launch.run "
+               f"launch.run_dir={self.run_dir}, whose coordinator restarts every role")
+        a = self.allocation
+        if a is None:
+            return (f"launch.executor=allocation starts job steps only inside a Slurm allocation; "
+                    f"this process runs in none. Fix: {how}")
+        if len(a.hosts) <= max(unit.nodes):
+            return (f"allocation {a.job_id} holds {len(a.hosts)} node(s), and the {unit.key} step "
+                    f"runs on plan node {max(unit.nodes)}. Fix: {how}")
+        return None
+
     def hosts_of(self, unit: JobPlan) -> List[str]:
         hosts = require_allocation("starting a job step").hosts
         return [hosts[n] for n in unit.nodes]
@@ -258,7 +273,10 @@ class AllocationExecutor(Executor):
         return max(taken, default=0) + 1
 
     def submit(self, unit: JobPlan, step: Optional[int] = None):
-        alloc = require_allocation(f"starting the {unit.key} job step")
+        problem = self.submit_problem(unit)
+        if problem:
+            raise UserError(f"cannot start the {unit.key} job step: {problem}")
+        alloc = self.allocation
         n = self._next_serial(unit.key)
         job_id = step_job_id(alloc.job_id, alloc.incarnation, unit.key, n)
         folder = log_folder(self.run_dir, unit.key) / job_id
@@ -461,15 +479,14 @@ def render_allocation(cfg, plan, run_dir: str = "/RUN_DIR", python: str = "PYTHO
     for unit in units:
         job_id = step_job_id("$SLURM_JOB_ID", 0, unit.key, 1)
         cmd = srun_command(cfg, unit, [hosts[n] for n in unit.nodes],
-                           step_name(run_dir, unit.key, 0, 1).replace(run_tag(run_dir), "<run tag>"),
-                           run_dir, job_id, python=python)
+                           step_name(run_dir, unit.key, 0, 1), run_dir, job_id, python=python)
         out += ["", f"## step {unit.key}: roles {', '.join(unit.roles)}; plan nodes {list(unit.nodes)}",
                 "", shlex.join(cmd)]
         for (node, local), w in sorted(unit.slots().items()):
             out.append(f"# task node {node} local {local}: {w.role} {w.task}, GPUs "
                        f"{unit.gpu_positions(w)} of the step's on its node\n"
                        + " ".join(worker_command(w, run_dir, ctx, python=python)))
-    return "\n".join(out) + "\n"
+    return ("\n".join(out) + "\n").replace(run_tag(run_dir), "<run tag>")
 
 
 def submit_allocation(cfg, plan, run_dir: Path, dependency: Optional[str] = None) -> str:

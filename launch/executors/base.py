@@ -369,6 +369,10 @@ class Executor:
     def cancel(self, job, grace_s: float = 10.0) -> None:
         raise NotImplementedError
 
+    def submit_problem(self, unit: JobPlan) -> Optional[str]:
+        """Why `unit` cannot be submitted from this process, with the fix (None: it can)."""
+        return None
+
     def failure_is_fatal(self, job, state: str) -> Optional[str]:
         """Why the run cannot go on after `job` ended in `state` (None: resubmit it)."""
         return None
