@@ -278,3 +278,53 @@ def test_a_run_outlives_the_time_limits_of_its_allocations(slurm_cluster, tmp_pa
     assert "invalidated step 3 scored shard 0" in res.stdout and "no live teacher worker: submitted job " \
         in res.stdout and "step 3 scored complete" in res.stdout, res.stdout
     assert_every_step_once(run_dir, LIMIT_STEPS, 16)
+
+
+NODE_STEPS = 30
+
+
+@pytest.mark.slurm
+def test_a_failed_node_stops_the_run_cleanly_naming_it_and_it_resumes(slurm_cluster, tmp_path):
+    """A node of the allocation goes down mid-run (scontrol: as slurmctld marks a dead node):
+    the run stops cleanly, the error names the node, and a new allocation finishes it."""
+    run_dir = tmp_path / "nodefail"
+    common = ("launch.executor=allocation", "synthetic.enabled=true", "synthetic.train_s=0.2",
+              f"distillation.max_num_steps={NODE_STEPS}", "distillation.val_at_end=false")
+    try:
+        res = launch(run_dir, "smoke-slurm", *common, timeout_s=120)
+        check_rc(res, run_dir)
+        alloc = res.stdout.split("Allocation: Slurm job ")[1].split()[0]
+        wait_until(lambda: (run_dir / "steps" / "000004" / "train.json").exists(), 300,
+                   "step 4 trained", run_dir, poll_s=0.5)
+        subprocess.run(["scontrol", "update", "NodeName=node3", "State=DOWN", "Reason=sluice-test"],
+                       check=True)
+        wait_until(lambda: _phase(run_dir) == "failed", 120, "the run to stop", run_dir, poll_s=0.5)
+        wait_until(lambda: subprocess.run(["squeue", "-h", "-j", alloc], capture_output=True,
+                                          text=True).stdout.strip() == "", 180,
+                   "the allocation to end", run_dir, poll_s=1)
+    finally:
+        subprocess.run(["scontrol", "update", "NodeName=node3", "State=RESUME"], capture_output=True)
+        wait_until(lambda: "idle" in subprocess.run(["sinfo", "-h", "-n", "node3", "-o", "%T"],
+                                                    capture_output=True, text=True).stdout, 120,
+                   "node3 back")
+        _cancel_allocations(run_dir)
+    ev = events(run_dir)
+    failed = [e for e in ev if e["event"] == "run_failed"]
+    assert len(failed) == 1 and "a node of allocation" in failed[0]["reason"], failed
+    stop = json.loads((run_dir / "coordinator" / "STOP").read_text())
+    assert "srun: error: Node failure on node3" in stop["detail"] and \
+        f"launch.run_dir={run_dir}" in stop["detail"], stop
+    assert not [e for e in ev if e["event"] == "job_resubmitted"]  # no step retried on a dead node
+    # The other roles stopped cleanly; nothing trained is lost: a new allocation finishes the run.
+    trained = sorted(int(p.parent.name) for p in (run_dir / "steps").glob("*/train.json"))
+    assert trained == list(range(1, len(trained) + 1)) and len(trained) >= 4, trained
+    try:
+        res = launch(run_dir, "smoke-slurm", *common, timeout_s=120)
+        check_rc(res, run_dir)
+        # (its phase says "failed" until the new allocation's coordinator starts)
+        wait_until(lambda: _phase(run_dir) == "finished", 600, "the resumed run to finish", run_dir,
+                   poll_s=1)
+    finally:
+        _cancel_allocations(run_dir)
+    assert_every_step_once(run_dir, NODE_STEPS, 16)
+    assert [e["event"] for e in events(run_dir)].count("run_failed") == 1

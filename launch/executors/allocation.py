@@ -63,7 +63,7 @@ SCRIPT = "allocation.sbatch"
 SQUEUE_INTERVAL_S = 2.0
 # What srun writes when a node of the step failed or cannot run it.
 _NODE_FAILURE = re.compile(r"Node failure on|NODE_FAIL|Task launch for \S+ failed on node|"
-                           r"Required node not available")
+                           r"Required node not available|Requested node configuration is not available")
 
 
 def _run(cmd: List[str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -336,13 +336,13 @@ class AllocationExecutor(Executor):
             rc = job.proc.poll()
             if rc is None:
                 return "RUNNING"
-            if rc == 0:
-                return "COMPLETED"
             try:
                 said = Path(job.paths.stderr).read_text(errors="replace")
             except OSError:
                 said = ""
-            return "NODE_FAIL" if node_failure(said) else "FAILED"
+            if node_failure(said):  # srun itself may exit 0 after "Node failure on <node>"
+                return "NODE_FAIL"
+            return "COMPLETED" if rc == 0 else "FAILED"
         # Started by an earlier coordinator process.
         if job.job_id in self.live_steps(job.alloc):
             return "RUNNING"
@@ -451,6 +451,9 @@ def render_script(cfg, plan, run_dir: str, python: str = sys.executable,
     lines += [f"#SBATCH --time={time_limit_min(cl.time_limit)}",
               f"#SBATCH --signal=B:USR2@{cl.signal_delay_s}",
               "#SBATCH --requeue",
+              # A failed node does not end the allocation: the coordinator stops the run cleanly
+              # and names the node (a new allocation resumes it).
+              "#SBATCH --no-kill",
               "#SBATCH --open-mode=append",
               f"#SBATCH --output={run_dir}/logs/allocation/%j.out",
               f"#SBATCH --error={run_dir}/logs/allocation/%j.out"]
