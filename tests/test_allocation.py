@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from shared.partition import job_units
 from shared.recipe import load
 from shared.config_check import validate
 from tests.slurm_fixture import slurm_cluster  # noqa: F401
-from tests.test_e2e import (REPO, STEPS, assert_all_steps_complete, assert_scored_exactly_once,
+from tests.test_e2e import (REPO, assert_scored_exactly_once,
                             check_rc, events, launch, run_diagnostics, wait_until)
 from tests.test_time_limits import assert_every_step_once
 

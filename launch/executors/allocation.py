@@ -47,7 +47,7 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
 from launch.executors.base import (Executor, SchedulerError, UnitTask, job_name,
-                                   key_of_job_name, log_folder, one_shot_unit, run_tag,
+                                   log_folder, one_shot_unit, run_tag,
                                    time_limit_min, units_by_key, worker_command, LaunchContext)
 from shared import sbatch
 from shared.errors import UserError
