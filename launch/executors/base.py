@@ -17,8 +17,9 @@ Slurm, the task stopping its siblings under the local executor. Slurm's pre-time
 claims released, the trainer checkpoints), record why in RUN_DIR/jobs/<job id>.json and end
 normally; the coordinator then submits the job's replacement without counting a failure.
 
-Executors (`local.LocalExecutor`, `slurm.SlurmExecutor`) submit, watch, find and cancel
-jobs behind one small interface (`Executor`); the coordinator only talks to that.
+Executors (`local.LocalExecutor`, `slurm.SlurmExecutor`, `allocation.AllocationExecutor`:
+the jobs as srun steps of one allocation) submit, watch, find and cancel jobs behind one
+small interface (`Executor`); the coordinator only talks to that.
 """
 
 from __future__ import annotations
