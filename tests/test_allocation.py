@@ -279,7 +279,7 @@ def test_a_run_outlives_the_time_limits_of_its_allocations(slurm_cluster, tmp_pa
     assert_every_step_once(run_dir, LIMIT_STEPS, 16)
 
 
-NODE_STEPS = 30
+NODE_STEPS = 16
 
 
 @pytest.mark.slurm
@@ -327,3 +327,68 @@ def test_a_failed_node_stops_the_run_cleanly_naming_it_and_it_resumes(slurm_clus
         _cancel_allocations(run_dir)
     assert_every_step_once(run_dir, NODE_STEPS, 16)
     assert [e["event"] for e in events(run_dir)].count("run_failed") == 1
+
+
+_DRIVE_TRAINER = r'''
+import json, signal, sys, time
+from launch.executors.allocation import AllocationExecutor
+from shared.partition import plan as make_plan
+from shared.worker import load_run_config
+
+run_dir = sys.argv[1]
+cfg = load_run_config(run_dir)
+ex = AllocationExecutor(run_dir, cfg, make_plan(cfg))
+unit = next(u for u in ex.units() if u.roles == ("training",))
+job = ex.submit(unit)
+deadline = time.monotonic() + 300
+while not (ex.run_dir / "steps" / "000001" / "train.json").exists():
+    assert ex.state(job) == "RUNNING" and time.monotonic() < deadline, ex.state(job)
+    time.sleep(0.5)
+sent = time.monotonic()
+ex.signal_step(job, signal.SIGUSR2)
+while ex.state(job) == "RUNNING":
+    assert time.monotonic() - sent < 60, "still running 60 s after USR2"
+    time.sleep(0.5)
+print(json.dumps({"job_id": job.job_id, "state": ex.state(job), "step": ex.live_steps(job.alloc)}))
+'''
+
+
+@pytest.mark.slurm
+@pytest.mark.dist
+def test_a_two_node_trainer_is_one_step_across_its_nodes(slurm_cluster, tiny_models, tmp_path):
+    """The trainer on two nodes of an allocation: one step, torchrun's c10d rendezvous on the
+    step's first node (its NodeAddr), both nodes' ranks stop on the signal and the trainer
+    checkpoints its last step."""
+    from bench.bench_train import make_run_dir, write_scored_step
+    from shared.files import atomic_write_json
+    from shared.partition import plan as make_plan
+    from shared.worker import load_run_config
+    from tests.test_train import DROPPED, K, ROWS, SHARDS, VOCAB
+
+    overrides = ["policy.train_global_batch_size=8", "checkpointing.save_period=100",
+                 "distillation.max_num_steps=5", "distillation.resource_isolation.enabled=true",
+                 "cluster.num_nodes=4", "cluster.gpus_per_node=1", "cluster.cpus_per_gpu=1",
+                 "distillation.resource_isolation.roles.training.num_nodes=2",
+                 "distillation.resource_isolation.roles.training.gpus_per_node=1",
+                 "distillation.resource_isolation.roles.generation.gpus_per_node=1",
+                 "distillation.resource_isolation.roles.teacher.gpus_per_node=1"]
+    rd = make_run_dir(tmp_path / "run", overrides)
+    plan = make_plan(load_run_config(rd))
+    atomic_write_json(rd.run_file, {"plan": plan.to_dict(), "executor": "allocation"})
+    write_scored_step(rd, 1, SHARDS, ROWS, vocab=VOCAB, k=K, dropped_rows=DROPPED)
+    script = tmp_path / "drive.py"
+    script.write_text(_DRIVE_TRAINER)
+    res = subprocess.run(["salloc", "-N2", "--gres=gpu:1", sys.executable, str(script), str(rd.root)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["state"] == "COMPLETED" and out["step"] == {}, out
+    alloc = out["job_id"].split(".")[0]
+    step = next(s for s in _steps(alloc) if s[1].startswith("sluice-training-n0"))
+    assert step[2] == "COMPLETED" and len(A.hostnames(step[3])) == 2, step
+    said = (Path(rd.log_dir("training-n0")) / out["job_id"] / "stdout").read_text()
+    assert said.count("--rdzv_endpoint=127.0.0.1:") == 2, said  # the first node's NodeAddr
+    assert said.count("worker stopped on time_limit") == 2, said
+    assert (rd.root / "checkpoints" / "000001" / "COMMITTED.json").exists()
+    end = json.loads((rd.root / "jobs" / f"{out['job_id']}.json").read_text())
+    assert end["reason"] == "time_limit" and end["job"] == "training-n0"
