@@ -4,6 +4,7 @@
     python -m launch.run conf=qwen3-14b-4b distillation.max_num_steps=5 logger.wandb_enabled=False
     python -m launch.run conf=qwen3-32b-4b-isolated launch.dry_run=true
     python -m launch.run conf=my_recipe.yaml launch.run_dir=/scratch/runs/exp1
+    python -m launch.run conf=qwen3-32b-4b-isolated launch.executor=allocation   # one sbatch -N3
 
 `conf` names a recipe in conf/ (or a YAML path); every other argument is a Hydra override.
 The config is validated before anything is written or submitted; a user error exits with
