@@ -302,7 +302,9 @@ def test_run_outlives_time_limits_requeues_and_its_coordinators_limit(slurm_clus
     assert state["retries"] == {"generation-n1": 0, "teacher-n2": 0, "training-n0": 0}
     for key in ("generation-n1", "teacher-n2", "training-n0"):
         limits = [e for e in ev if e["event"] == "job_time_limit" and e["job"] == key]
-        assert len(limits) >= 3, (key, len(limits))
+        # >= 2 (6 when this run trained 150 steps): CI time is budgeted, and the allocation
+        # executor's tests share it; 120 steps give 3-4 limits per role on a 2-core box.
+        assert len(limits) >= 2, (key, len(limits))
         assert [e["job_id"] for e in ev if e["event"] == "job_requeued" and e["job"] == key] == \
             [requeued[key]], key
     # The coordinator: handed over at its own limit at least once, and came back from a requeue.
