@@ -327,7 +327,12 @@ class AllocationExecutor(Executor):
         return found
 
     def _step_id(self, job: StepJob, fresh: bool = False) -> Optional[str]:
-        return self.live_steps(job.alloc, fresh).get(job.job_id)
+        """Its Slurm step id while it runs; None also when squeue cannot be asked (a cancel
+        then falls back on its srun, as for a step not created yet)."""
+        try:
+            return self.live_steps(job.alloc, fresh).get(job.job_id)
+        except SchedulerError:
+            return None
 
     # -------------------------------------------------------------------- the interface
 
@@ -343,7 +348,7 @@ class AllocationExecutor(Executor):
             if node_failure(said):  # srun itself may exit 0 after "Node failure on <node>"
                 return "NODE_FAIL"
             return "COMPLETED" if rc == 0 else "FAILED"
-        # Started by an earlier coordinator process.
+        # Started by an earlier coordinator process (SchedulerError: squeue cannot say).
         if job.job_id in self.live_steps(job.alloc):
             return "RUNNING"
         a = self.allocation
