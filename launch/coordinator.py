@@ -55,7 +55,7 @@ from shared.partition import Plan
 from shared.pipeline import ROLE, ROLE_NAMES, WORKER_STAGES
 from shared.queue import StageQueue
 from shared.rundir import (CHECKPOINTS, COMMITTED, CONFIG, DATA_SUMMARY, HELDOUT, TRAIN_DATA,
-                           TRAIN_RECORD, WEIGHTS, RunDir, active_steps, append_metrics, commit_dir,
+                           TRAIN_RECORD, WEIGHTS, RunDir, active_steps, append_event, append_metrics, commit_dir,
                            committed_steps, is_committed_dir, read_metrics, step_name, temp_dir_for,
                            worker_records)
 from shared.worker import FINAL_STATUSES, fault_point, load_run_config
@@ -915,9 +915,7 @@ class CoordinatorJob:
                       e, job_id)
             subprocess.run(["scontrol", "requeue", job_id], check=False)
             return 0
-        with open(rd.events_file, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), "event": "coordinator_handoff",
-                                "from_job": job_id, "to_job": str(successor.job_id)}) + "\n")
+        append_event(rd, "coordinator_handoff", from_job=job_id, to_job=str(successor.job_id))
         log.info("[coordinator] handed the run over to coordinator job %s (starts when job %s ends)",
                  successor.job_id, job_id)
         return 0

@@ -247,6 +247,13 @@ def read_events(rd: RunDir) -> list[dict]:
     return _read_jsonl(rd.events_file)
 
 
+def append_event(rd: RunDir, name: str, **fields) -> None:
+    """One event line from outside the coordinator's loop (a job handing the run over)."""
+    with open(rd.events_file, "a") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), "event": name, **fields},
+                           sort_keys=True, default=str) + "\n")
+
+
 def append_metrics(rd: RunDir, row: dict) -> None:
     """Append one row to RUN_DIR/metrics.jsonl and make it durable."""
     with open(rd.metrics_file, "a") as f:

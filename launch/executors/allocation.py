@@ -34,7 +34,6 @@ resumes from RUN_DIR.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -46,7 +45,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
-from launch.executors.base import (Executor, SchedulerError, UnitTask, job_name,
+from launch.executors.base import (Executor, SchedulerError, UnitTask, hostnames, job_name,
+                                   run_command,
                                    log_folder, one_shot_unit, run_tag,
                                    time_limit_min, units_by_key, worker_command, LaunchContext)
 from shared import sbatch
@@ -66,29 +66,13 @@ _NODE_FAILURE = re.compile(r"Node failure on|NODE_FAIL|Task launch for \S+ faile
                            r"Required node not available|Requested node configuration is not available")
 
 
-def _run(cmd: List[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        return subprocess.CompletedProcess(cmd, 124, "", f"timed out after {e.timeout:.0f}s")
-    except OSError as e:
-        return subprocess.CompletedProcess(cmd, 127, "", str(e))
-
-
-def hostnames(nodelist: str) -> List[str]:
-    out = _run(["scontrol", "show", "hostnames", nodelist])
-    if out.returncode != 0:
-        raise SchedulerError(f"scontrol show hostnames {nodelist} failed: {out.stderr.strip()}")
-    return out.stdout.split()
-
-
 def allocation_gpus_per_node(job_id: str, environ=None) -> Optional[int]:
     """GPUs the allocation holds on each of its nodes (the fewest of any node), if known:
     SLURM_GPUS_ON_NODE in a batch step, else the GRES of `scontrol show job -d`."""
     environ = os.environ if environ is None else environ
     if environ.get("SLURM_GPUS_ON_NODE", "").isdigit():
         return int(environ["SLURM_GPUS_ON_NODE"])
-    out = _run(["scontrol", "show", "job", "-d", job_id])
+    out = run_command(["scontrol", "show", "job", "-d", job_id])
     counts = [int(m) for m in re.findall(r"GRES=gpu(?::[^:(\s]+)?:(\d+)", out.stdout)]
     return min(counts) if counts else None
 
@@ -304,7 +288,7 @@ class AllocationExecutor(Executor):
         now = time.monotonic()
         if not fresh and now - self._steps_at.get(alloc, float("-inf")) < SQUEUE_INTERVAL_S:
             return self._steps[alloc]
-        out = _run(["squeue", "-h", "-s", "-j", alloc, "-o", "%i|%j"])
+        out = run_command(["squeue", "-h", "-s", "-j", alloc, "-o", "%i|%j"])
         if out.returncode != 0:
             if "Invalid job id" in out.stderr:  # the allocation is gone
                 out = subprocess.CompletedProcess(out.args, 0, "", "")
@@ -382,7 +366,7 @@ class AllocationExecutor(Executor):
         step = self._step_id(job, fresh=True)
         if step is None:
             return False
-        _run(["scancel", f"--signal={signal.Signals(sig).name[3:]}", step])
+        run_command(["scancel", f"--signal={signal.Signals(sig).name[3:]}", step])
         return True
 
     def cancel(self, job, grace_s: float = 10.0) -> None:
@@ -391,7 +375,7 @@ class AllocationExecutor(Executor):
         yet is withdrawn by killing its srun."""
         step = self._step_id(job, fresh=True)
         if step is not None:
-            out = _run(["scancel", step])
+            out = run_command(["scancel", step])
             if out.returncode != 0:
                 print(f"sluice: scancel {step} failed: {out.stderr.strip()}", file=sys.stderr)
         elif job.proc is not None and job.proc.poll() is None:
@@ -499,21 +483,20 @@ def render_allocation(cfg, plan, run_dir: str = "/RUN_DIR", python: str = "PYTHO
 
 def submit_allocation(cfg, plan, run_dir: Path, dependency: Optional[str] = None) -> str:
     """Write the run's batch script and sbatch it (after `dependency`); returns the job id."""
-    from launch.executors.slurm import inherited_slurm_vars
-
     path = script_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "logs" / "allocation").mkdir(parents=True, exist_ok=True)
     if not path.exists() or dependency is None:
         path.write_text(render_script(cfg, plan, str(run_dir), workdir=os.getcwd()))
-    return sbatch_script(path, dependency, inherited_slurm_vars())
+    return sbatch_script(path, dependency)
 
 
-def sbatch_script(path: Path, dependency: Optional[str], unset: Sequence[str]) -> str:
-    cmd = ["env", *[a for name in unset for a in ("-u", name)], "sbatch", "--parsable"]
-    if dependency:
-        cmd.append(f"--dependency={dependency}")
-    out = _run(cmd + [str(path)], timeout=120)
+def sbatch_script(path: Path, dependency: Optional[str]) -> str:
+    """sbatch `path` (after `dependency`); returns the job id."""
+    from launch.executors.slurm import sbatch_command
+
+    out = run_command(sbatch_command("--parsable", *([f"--dependency={dependency}"] if dependency else []),
+                                     str(path)), timeout=120)
     if out.returncode != 0:
         raise SchedulerError(f"sbatch {path} failed: {out.stderr.strip() or out.stdout.strip()}")
     return out.stdout.strip().split(";")[0]
@@ -522,34 +505,26 @@ def sbatch_script(path: Path, dependency: Optional[str], unset: Sequence[str]) -
 # ------------------------------------------------------------------------ entry points
 
 
-def _append_event(run_dir, name: str, **fields) -> None:
-    from shared.rundir import RunDir
-
-    with open(RunDir(run_dir).events_file, "a") as f:
-        f.write(json.dumps({"time": round(time.time(), 3), "event": name, **fields},
-                           sort_keys=True) + "\n")
-
-
 def continue_later(run_dir, script: Optional[str]) -> int:
     """After the coordinator stopped on the allocation's pre-timeout signal: submit the
     successor allocation (the run's own script, afterany), else requeue this one."""
-    from launch.executors.slurm import inherited_slurm_vars
+    from shared.rundir import RunDir, append_event
 
     job_id = os.environ.get("SLURM_JOB_ID", "")
     if script and Path(script).exists():
         try:
-            successor = sbatch_script(Path(script), f"afterany:{job_id}", inherited_slurm_vars())
+            successor = sbatch_script(Path(script), f"afterany:{job_id}")
         except SchedulerError as e:
             print(f"sluice: cannot submit the next allocation ({e}); requeueing job {job_id}",
                   file=sys.stderr, flush=True)
         else:
-            _append_event(run_dir, "allocation_handoff", from_job=job_id, to_job=successor)
+            append_event(RunDir(run_dir), "allocation_handoff", from_job=job_id, to_job=successor)
             print(f"sluice: the run goes on in allocation {successor} (starts when {job_id} ends)",
                   flush=True)
             return 0
-    out = _run(["scontrol", "requeue", job_id])
+    out = run_command(["scontrol", "requeue", job_id])
     if out.returncode == 0:
-        _append_event(run_dir, "allocation_requeued", job=job_id)
+        append_event(RunDir(run_dir), "allocation_requeued", job=job_id)
         print(f"sluice: requeued allocation {job_id}: the run resumes when it starts again",
               flush=True)
         return 0

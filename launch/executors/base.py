@@ -132,15 +132,30 @@ def worker_command(w: WorkerPlan, run_dir: str, ctx: LaunchContext, step: Option
 SYNTHETIC_MODULE = "bench.synthetic"
 
 
+def run_command(cmd: List[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """A Slurm command's output; a command that hangs or is missing is a failed one (124, 127)."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(cmd, 124, "", f"timed out after {e.timeout:.0f}s")
+    except OSError as e:
+        return subprocess.CompletedProcess(cmd, 127, "", str(e))
+
+
+def hostnames(nodelist: str) -> List[str]:
+    """`scontrol show hostnames`: a Slurm node list, expanded, in order."""
+    out = run_command(["scontrol", "show", "hostnames", nodelist])
+    if out.returncode != 0:
+        raise SchedulerError(f"scontrol show hostnames {nodelist} failed: {out.stderr.strip()}")
+    return out.stdout.split()
+
+
 def step_first_node_addr() -> str:
     """The address of the first node of this job step (SLURM_STEP_NODELIST): its NodeAddr as
     Slurm knows it (what slurmd listens on), so no name lookup of the node name is needed."""
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
-    out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                         check=True)
-    first = out.stdout.split()[0]
-    shown = subprocess.run(["scontrol", "show", "node", "-o", first], capture_output=True,
-                           text=True).stdout
+    first = hostnames(nodes)[0]
+    shown = run_command(["scontrol", "show", "node", "-o", first]).stdout
     for field_ in shown.split():
         if field_.startswith("NodeAddr="):
             return field_[len("NodeAddr="):]
@@ -199,10 +214,7 @@ class UnitTask:
         # srun ran on the batch host, the job's first node: its address needs no name lookup.
         host = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
         if not host:
-            nodes = os.environ.get("SLURM_JOB_NODELIST", "")
-            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
-                                 text=True, check=True)
-            host = out.stdout.split()[0]
+            host = hostnames(os.environ.get("SLURM_JOB_NODELIST", ""))[0]
         return LaunchContext(job_id, host, port)
 
     def end_time(self) -> Optional[float]:

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
-from launch.executors.base import (Executor, SchedulerError, UnitTask, job_name, key_of_job_name,
+from launch.executors.base import (Executor, SchedulerError, UnitTask, job_name, key_of_job_name, run_command,
                                    log_folder, time_limit_min)
 from shared import sbatch
 from shared.partition import JobPlan, job_units
@@ -53,12 +53,17 @@ def inherited_slurm_vars(environ=None) -> List[str]:
     return sorted(k for k in environ if k.startswith(_INHERITED_PREFIXES) and k not in _KEPT)
 
 
+def sbatch_command(*args: str) -> List[str]:
+    """sbatch ARGS run without the inherited Slurm variables."""
+    unset = [arg for name in inherited_slurm_vars() for arg in ("-u", name)]
+    return ["env", *unset, "sbatch", *args]
+
+
 class _Sbatch(submitit.SlurmExecutor):
     """submitit's Slurm executor, submitting with the inherited Slurm variables removed."""
 
     def _make_submission_command(self, submission_file_path: Path) -> List[str]:
-        unset = [arg for name in inherited_slurm_vars() for arg in ("-u", name)]
-        return ["env", *unset, "sbatch", str(submission_file_path)]
+        return sbatch_command(str(submission_file_path))
 
 
 def _common(cfg, name: str, minutes: int, cpus: int, extra_args: List[str], extra_key: str,
@@ -161,10 +166,7 @@ def submit_coordinator(cfg, run_dir: Path, fn, *args, dependency: Optional[str] 
 
 
 def _run(cmd: List[str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired as e:
-        return subprocess.CompletedProcess(cmd, 124, "", f"timed out after {e.timeout:.0f}s")
+    return run_command(cmd, timeout=120)
 
 
 class SlurmExecutor(Executor):
