@@ -103,6 +103,14 @@ def _cancel_allocations(run_dir: Path) -> None:
     subprocess.run(["scancel", "-n", name], capture_output=True)
 
 
+def _wait_allocations_end(run_dir: Path) -> None:
+    from launch.executors.base import job_name
+
+    name = job_name(run_dir, "allocation")
+    wait_until(lambda: not subprocess.run(["squeue", "-h", "-n", name], capture_output=True,
+                                          text=True).stdout.strip(), 120, "the allocation to end")
+
+
 def _phase(run_dir: Path):
     try:
         return json.loads((run_dir / "coordinator" / "state.json").read_text()).get("phase")
@@ -230,6 +238,7 @@ def test_a_run_outlives_the_time_limits_of_its_allocations(slurm_cluster, tmp_pa
         check_rc(res, run_dir)
         first = res.stdout.split("Allocation: Slurm job ")[1].split()[0]
         wait_until(lambda: _finished(run_dir), 900, "the run to finish", run_dir, poll_s=1)
+        _wait_allocations_end(run_dir)  # the finished run's coordinator exits by itself
     finally:
         _cancel_allocations(run_dir)
     assert_every_step_once(run_dir, LIMIT_STEPS, 16)
