@@ -5,9 +5,9 @@
 
 1. Models: `tiny:thinker` (the teacher: the tiny teacher architecture trained in-process for a
    few minutes to answer `What is a op b?` with `<think>a op b = c</think> The answer is
-   \\boxed{c}.`, testing/thinker.py; built once and cached) and `tiny:student` (random weights,
-   testing/tiny.py), through `launch.start.ensure_models` on the `learn` recipe.
-2. START: the student on the held-out problems (`testing.thinker.heldout_problems(64)`, duplicates
+   \\boxed{c}.`, tinymodels/thinker.py; built once and cached) and `tiny:student` (random weights,
+   tinymodels/random_weights.py), through `launch.start.ensure_models` on the `learn` recipe.
+2. START: the student on the held-out problems (`tinymodels.thinker.heldout_problems(64)`, duplicates
    dropped; none of them is in the training file conf/learn-train.jsonl), prompts rendered by
    the pipeline's PromptBuilder:
    - reverse KL: one response per problem sampled from the student with transformers
@@ -17,7 +17,7 @@
      models (float64), averaged over all response tokens (the stop token included): the
      on-policy reverse KL, measured exactly (the pipeline itself sees only the teacher's top-k;
      the learn recipe trains on the mixed KL, half forward, half reverse, see conf/learn.yaml).
-   - accuracy: greedy exact match of the last \\boxed{int} (testing.thinker.evaluate_model), and,
+   - accuracy: greedy exact match of the last \\boxed{int} (tinymodels.thinker.evaluate_model), and,
      as a note, the exact match of the sampled responses.
    The teacher's greedy accuracy on the same problems is reported for reference.
 3. `python -m launch.run conf=learn launch.detach=false launch.run_dir=RUN_DIR` (local
@@ -62,7 +62,7 @@ LOSS_STEPS = 20  # steps per loss in the comparison: 5 losses fit ~15 minutes on
 
 def heldout() -> List[Dict[str, str]]:
     """The held-out problems: the thinker's evaluation set without repeats (order kept)."""
-    from testing.thinker import heldout_problems
+    from tinymodels.thinker import heldout_problems
 
     seen, rows = set(), []
     for r in heldout_problems(HELDOUT_N):
@@ -75,7 +75,7 @@ def heldout() -> List[Dict[str, str]]:
 def train_rows() -> List[Dict[str, str]]:
     """Every `a op b` with a, b in 0..OPERAND_MAX (the thinker's range), minus the held-out ones:
     the content of conf/learn-train.jsonl."""
-    from testing.thinker import OPERAND_MAX, problem_row
+    from tinymodels.thinker import OPERAND_MAX, problem_row
 
     held = {r["problem"] for r in heldout()}
     rows = [problem_row(a, op, b) for op in "+-*" for a in range(OPERAND_MAX + 1)
@@ -93,7 +93,7 @@ def check_train_file(write: bool = False) -> None:
     if write:
         TRAIN_FILE.write_text(want)
     elif not TRAIN_FILE.is_file() or TRAIN_FILE.read_text() != want:
-        raise RuntimeError(f"{TRAIN_FILE} is missing or stale (e.g. testing.thinker's range or "
+        raise RuntimeError(f"{TRAIN_FILE} is missing or stale (e.g. tinymodels.thinker's range or "
                            "held-out set changed); rewrite it with "
                            "`python -m bench.bench_learn --write-train-file`")
 
@@ -115,7 +115,7 @@ def _sample(model, tokenizer, prompts: List[List[int]], max_new_tokens: int, tem
     kept: the pipeline trains on it too)."""
     import torch
 
-    from testing.thinker import generate_batched
+    from tinymodels.thinker import generate_batched
 
     stops = {tokenizer.pad_token_id, tokenizer.eos_token_id}
     torch.manual_seed(seed)
@@ -156,7 +156,7 @@ def reverse_kl(student, teacher, prompts: List[List[int]], responses: List[List[
 
 def measure(student_path, teacher, tokenizer, builder, problems, cfg) -> Dict[str, float]:
     """Reverse KL on student samples, sampled and greedy exact match of the student."""
-    from testing.thinker import evaluate_model, has_trace, parse_boxed
+    from tinymodels.thinker import evaluate_model, has_trace, parse_boxed
 
     student = _load(student_path)
     gen = cfg.policy.generation
@@ -324,7 +324,7 @@ def run(out: dict, overrides: Sequence[str] = (), run_dir: Optional[Path] = None
     from shared.data import PromptBuilder
     from shared.models import find_model
     from shared.recipe import load
-    from testing.thinker import build_info, evaluate_model, prompt_builder
+    from tinymodels.thinker import build_info, evaluate_model, prompt_builder
 
     t_start = time.time()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -337,7 +337,7 @@ def run(out: dict, overrides: Sequence[str] = (), run_dir: Optional[Path] = None
     tokenizer = AutoTokenizer.from_pretrained(str(student0))
     builder = PromptBuilder(cfg, tokenizer, cfg.data.train)
     problems = heldout()
-    # testing.thinker.evaluate_model renders with the smoke recipe; the learn recipe must agree.
+    # tinymodels.thinker.evaluate_model renders with the smoke recipe; the learn recipe must agree.
     assert all(builder.prompt_ids(r["problem"]) == prompt_builder(tokenizer).prompt_ids(r["problem"])
                for r in problems[:4]), "learn and smoke render prompts differently"
     teacher = _load(teacher_path)
@@ -408,7 +408,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description="learning check (see the module docstring)")
     p.add_argument("--run-dir", help=f"run directory (default {DEFAULT_RUN_DIR}; wiped first)")
     p.add_argument("--write-train-file", action="store_true",
-                   help="rewrite conf/learn-train.jsonl from testing.thinker and exit")
+                   help="rewrite conf/learn-train.jsonl from tinymodels.thinker and exit")
     p.add_argument("--no-compare", action="store_true",
                    help="skip the comparison of loss types (step 6 of the module docstring)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the learn recipe")

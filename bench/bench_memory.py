@@ -69,8 +69,9 @@ def measure_train(name: str, tokens: int, checkpointing: bool, zero_outside_topk
 
     from shared import memory
     from shared.loss import distillation_loss
-    from shared.models import ensure_model
-    from stages.train import DEFAULT_LOSS_CHUNK, ResponseGather
+    from tinymodels.build import ensure_model
+    from stages.student import ResponseGather
+    from stages.train import DEFAULT_LOSS_CHUNK
 
     model = AutoModelForCausalLM.from_pretrained(ensure_model(name), dtype=torch.float32)
     model.config.use_cache = False

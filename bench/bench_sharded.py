@@ -54,7 +54,7 @@ def entries(figures: dict) -> list:
 
 def run(out: dict) -> dict:
     from shared.models import tiny_models_dir
-    from testing.tiny import build_real_shape_models
+    from tinymodels.random_weights import build_real_shape_models
 
     model = build_real_shape_models(tiny_models_dir())["realshape-student"]
     with tempfile.TemporaryDirectory(prefix="sluice-bench-sharded-") as tmp:

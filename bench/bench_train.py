@@ -98,7 +98,7 @@ def _bigger_model(out: Path) -> Path:
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     from shared.models import tiny_models_dir
-    from testing.tiny import build_tiny_models
+    from tinymodels.random_weights import build_tiny_models
 
     tok_dir = build_tiny_models(tiny_models_dir())["tokenizer"]
     config = Qwen3Config(vocab_size=32768, hidden_size=1024, intermediate_size=3072,
@@ -148,7 +148,8 @@ def _measure(name: str, root: Path, overrides: list[str], vocab: int, rounds: in
     import torch
 
     from shared.distributed import setup_distributed
-    from stages.train import Trainer, collate, plan_micro_batches, samples_from_table
+    from stages.batches import collate, plan_micro_batches, samples_from_table
+    from stages.train import Trainer
     from shared.worker import load_run_config
 
     rd = make_run_dir(root, overrides)

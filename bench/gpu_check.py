@@ -10,14 +10,14 @@ TOTAL_BUDGET_S), so a failure or a hang of one does not hide the others:
 
   build  Qwen3-1.7B's architecture (hidden 2048, 28 layers, 16 query and 8 KV heads, head_dim
          128, intermediate 6144, vocabulary 151,936, tied embeddings) with random bf16 weights,
-         saved as HF safetensors with testing.tiny's tokenizer padded to 151,936 ids; on CPU
+         saved as HF safetensors with tinymodels.random_weights's tokenizer padded to 151,936 ids; on CPU
          only (the process sees no GPU), so the GPU is untouched until vLLM starts.
   export the trainer's per-rank load (fp32 FSDP2 on CUDA) and bf16 export of it, every
          exported tensor compared with the sharded model's, the tied head included (no vLLM).
   vllm   stages.generate.Generator on it (engine_kwargs: TP 1, gpu_memory_utilization 0.3,
          CUDA graphs) generates; the model is then loaded as the trainer holds it (FSDP2 over
          NCCL, shared.distributed.build_sharded), its weights perturbed, and published as the
-         trainer publishes weights/<t> (export_hf + stages.train.copy_model_files); the engine
+         trainer publishes weights/<t> (export_hf + stages.student.copy_model_files); the engine
          reloads them in place (the worker extension), and its prompt log-probs must equal a
          fresh engine's on the exported weights (and differ from the ones before the reload).
   score  stages.score (load_teacher, score_rows: chunked LM head, top-k) on one 16,384-token
@@ -157,7 +157,7 @@ def part_build(workdir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from testing.tiny import EOS_TOKEN, PAD_TOKEN, build_tokenizer
+    from tinymodels.random_weights import EOS_TOKEN, PAD_TOKEN, build_tokenizer
 
     out = workdir / "model"
     tokenizer = build_tokenizer(VOCAB)
@@ -233,7 +233,7 @@ def export_perturbed(base: Path, out: Path) -> None:
     import torch.distributed as dist
 
     from shared.distributed import export_hf
-    from stages.train import copy_model_files
+    from stages.student import copy_model_files
 
     model, d = load_perturbed(base)
     out.mkdir(parents=True)
@@ -472,7 +472,9 @@ def part_train(workdir: Path) -> dict:
     from shared.distributed import setup_distributed
     from shared.recipe import load
     from shared.rundir import RunDir
-    from stages.train import METRICS, Trainer, build_optimizer, samples_from_table
+    from stages.batches import samples_from_table
+    from stages.student import build_optimizer
+    from stages.train import METRICS, Trainer
 
     model_dir = workdir / "model"
     cfg, node = load("smoke", train_overrides(model_dir))
@@ -726,7 +728,7 @@ def dry_run(parts: list[str]) -> int:
     from launch.executors.base import visible_devices
     from shared.partition import job_units
     from shared.recipe import load
-    from testing.tiny import EOS_TOKEN, PAD_TOKEN, build_tokenizer
+    from tinymodels.random_weights import EOS_TOKEN, PAD_TOKEN, build_tokenizer
     from shared.config_check import validate
 
     v = _versions()
@@ -776,8 +778,9 @@ def dry_run(parts: list[str]) -> int:
     from shared.distributed import build_sharded, export_hf, setup_distributed  # noqa: F401
     from stages.generate import Generator, SluiceWorkerExtension  # noqa: F401
     from stages.score import load_teacher, score_rows  # noqa: F401
-    from stages.train import (METRICS, Trainer, build_optimizer, copy_model_files,  # noqa: F401
-                              samples_from_table)
+    from stages.batches import samples_from_table  # noqa: F401
+    from stages.student import build_optimizer, copy_model_files  # noqa: F401
+    from stages.train import METRICS, Trainer  # noqa: F401
 
     print(f"plan: each part a process of its own within its budget, {TOTAL_BUDGET_S} s in all:")
     for name in parts:

@@ -24,13 +24,18 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from launch.plot import plot_run
 from launch.timeline import draw, format_report, run_report
+from shared.chat import ChatTokenizer
 from shared.errors import UserError, exit_with
 from shared.files import read_json
+from shared.models import find_model
 from shared.pipeline import STAGES, check_stage
 from shared.queue import StageQueue
 from shared.rundir import (RunDir, check_shard_index, check_step, is_committed_dir, read_events,
                            step_numbers, worker_records)
+from shared.schemas import topk_from_arrow
+from shared.worker import load_run_config
 
 
 def _open_run(path: str) -> RunDir:
@@ -174,10 +179,6 @@ def print_status(st: dict) -> None:
 
 
 def _tokenizer(rd: RunDir):
-    from shared.chat import ChatTokenizer
-    from shared.models import find_model
-    from shared.worker import load_run_config
-
     cfg = load_run_config(rd)
     path = find_model(cfg.policy.tokenizer.name or cfg.policy.model_name)
     if path is None or not Path(path).exists():
@@ -197,8 +198,6 @@ def decode_rows(rd: RunDir, step: int, stage: str, shard: Optional[int], head: i
         rows = table.slice(0, n).to_pylist()
         topk = None
         if stage == "scored":
-            from shared.schemas import topk_from_arrow
-
             topk = topk_from_arrow(table.slice(0, n))
         for r_i, r in enumerate(rows):
             item = {"shard": k, "sample_id": r["sample_id"], "problem": r["problem"],
@@ -291,8 +290,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                                     "redone)" if bad else "all shards match their checksums"))
             return 1 if bad else 0
         if args.plot:
-            from launch.plot import plot_run
-
             plot_run(rd, args.plot)
             print(f"wrote {args.plot}")
             return 0

@@ -33,10 +33,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import uuid
 from numbers import Number
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from omegaconf import OmegaConf
 
 from shared.rundir import WANDB, RunDir
 
@@ -71,8 +74,6 @@ def scrub(obj: Any, secrets: Optional[set] = None) -> Any:
 
 def run_config_dict(rd: RunDir) -> Dict[str, Any]:
     """RUN_DIR/config.yaml as a plain dict, secrets redacted."""
-    from omegaconf import OmegaConf
-
     path = rd.config_file
     if not path.is_file():
         return {}
@@ -93,6 +94,7 @@ class _TensorBoard:
     def __init__(self, log_dir: Path):
         log_dir.mkdir(parents=True, exist_ok=True)
         try:
+            # lazy: optional packages (logger.tensorboard_enabled); a missing one is a warning
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(logdir=str(log_dir))
@@ -100,7 +102,8 @@ class _TensorBoard:
             return
         except ImportError:
             pass
-        from tensorboard.compat.proto.event_pb2 import Event  # ImportError: caller warns
+        # lazy: optional, as above (ImportError: the caller warns)
+        from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -109,8 +112,6 @@ class _TensorBoard:
         self._kind = "tensorboard"
 
     def log(self, row: Dict[str, Any], step: int) -> None:
-        import time
-
         if self._kind == "tensorboardX":
             for k, v in _scalars(row):
                 if k != "step":
@@ -154,6 +155,7 @@ class MetricsLogger:
                             "logger.tensorboard_enabled=false")
 
     def _start_wandb(self):
+        # lazy: 0.4 s to import; only logger.wandb_enabled needs it
         import wandb
 
         w = self.cfg.logger.wandb

@@ -14,10 +14,10 @@ from typing import Dict, Optional
 import numpy as np
 import pyarrow.compute as pc
 
-from shared.queue import StageQueue
-
+from shared.context import add_counts, metrics as cd_metrics
 from shared.files import read_json
 from shared.pipeline import PRODUCER, WORKER_STAGES
+from shared.queue import StageQueue
 from shared.rundir import RunDir, read_metrics
 
 STAGE_BUSY_KEY = {"rollouts": "gen_s", "scored": "score_s"}
@@ -73,8 +73,6 @@ def step_metrics(rd: RunDir, step: int, cfg) -> dict:
                 row[f"throughput/{label}_tokens_per_s"] = w["tokens"] / w["busy"]
     cd = cfg.distillation.context_distillation
     if cd.enabled and cd.metrics.enabled:
-        from shared.context import add_counts, metrics as cd_metrics
-
         counts: Dict[str, int] = {}
         for rec in StageQueue(rd, step, "scored").committed().values():
             counts = add_counts(counts, rec.get("extra", {}).get("context_distillation", {}))

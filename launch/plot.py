@@ -41,6 +41,7 @@ def series(rows: Sequence[dict], key: str) -> Tuple[List[int], List[float]]:
 
 def plot_run(run_dir, out_png, rows: Optional[Sequence[dict]] = None):
     """Write the run's curves to `out_png`; returns the Figure (its axes titled TITLES)."""
+    # lazy: 0.6 s to import; only drawing needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

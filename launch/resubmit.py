@@ -21,18 +21,23 @@ checkpoint before them (the coordinator must be running, or resume the run with 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional, Tuple
 
+from launch.events import append_event
+from launch.executors import base as J, make_executor
 from shared.errors import UserError, exit_with
 from shared.files import read_json
 from shared.partition import Plan
 from shared.pipeline import ROLE_NAMES, redone_by
 from shared.queue import StageQueue
-from shared.rundir import (CHECKPOINTS, RunDir, check_shard_index, check_step, committed_steps,
-                           latest_weights, worker_records)
+from shared.retention import committed_checkpoints, invalidate_after
+from shared.rundir import (RunDir, check_shard_index, check_step, pick_weights, weights_window,
+                           worker_records)
 from shared.worker import FINAL_STATUSES, load_run_config
+
 
 def live_workers(rd: RunDir, role: str, lease_s: float) -> List[dict]:
     if rd.stop_file.exists():
@@ -63,8 +68,6 @@ def _resubmit(run_dir: str, stage: str, step: Optional[int], shard: Optional[int
     said: List[str] = []
     if step is not None and stage == "generation":
         _check_weights_kept(rd, cfg, step)
-    from launch.executors import base as J, make_executor
-
     executor = make_executor(run["executor"], rd.root, cfg, Plan.from_dict(run["plan"]))
     live = live_workers(rd, stage, cfg.queue.lease_s)
     if not live:  # before anything is invalidated: a job must be possible
@@ -87,15 +90,15 @@ def _retrain(rd: RunDir, run: dict, cfg, step: Optional[int]) -> List[str]:
     `step` on, and stop the training job so that the coordinator restarts it from there."""
     if step is None:
         raise UserError("--stage training needs --step N (the first step to retrain).")
-    ckpts = committed_steps(rd, CHECKPOINTS)
+    ckpts = committed_checkpoints(rd)
     if step > 1 and step - 1 not in ckpts:
         raise UserError(f"cannot retrain from step {step}: no checkpoint of step {step - 1} "
                         f"(checkpoints: {sorted(ckpts) or 'none'}). Fix: choose a step right "
                         "after a checkpoint.")
     said = _set_aside_checkpoints(rd, step) if ckpts else []
-    from launch.coordinator import Coordinator
-
-    Coordinator(rd.root).invalidate_after(step - 1)
+    redone, _ = invalidate_after(rd, step - 1)
+    if redone:
+        append_event(rd, "steps_redone", from_checkpoint=step - 1, steps=redone)
     said.append(f"steps >= {step} will be retrained from checkpoint {step - 1}")
     said += _stop_training_jobs(rd, run, cfg)
     if rd.stop_file.exists():
@@ -106,8 +109,6 @@ def _retrain(rd: RunDir, run: dict, cfg, step: Optional[int]) -> List[str]:
 
 def _set_aside_checkpoints(rd: RunDir, step: int) -> List[str]:
     """Rename the checkpoints of steps >= `step` to .superseded-* (kept, no longer committed)."""
-    import os
-
     said = []
     for p in sorted(rd.checkpoints_root.glob("[0-9]*")):
         if int(p.name) >= step:
@@ -118,8 +119,6 @@ def _set_aside_checkpoints(rd: RunDir, step: int) -> List[str]:
 
 def _stop_training_jobs(rd: RunDir, run: dict, cfg) -> List[str]:
     """Cancel the run's live training jobs (the coordinator resubmits them)."""
-    from launch.executors import base as J, make_executor
-
     executor = make_executor(run["executor"], rd.root, cfg, Plan.from_dict(run["plan"]))
     state = read_json(rd.state_file, {}) or {}
     said = []
@@ -153,9 +152,8 @@ def _invalidate_shards(rd: RunDir, stage: str, step: int, shard: Optional[int]) 
 def _check_weights_kept(rd: RunDir, cfg, step: int) -> None:
     """Generation of `step` needs the student's weights of one of the steps allowed by
     max_staleness; the coordinator deletes those a run no longer needs."""
-    lowest = max(0, step - 1 - cfg.distillation.max_staleness)
-    version, _ = latest_weights(rd, at_most=step - 1)
-    if lowest > 0 and version < lowest:
+    if pick_weights(rd, step, cfg.distillation.max_staleness) is None:
+        lowest = weights_window(step, cfg.distillation.max_staleness).start
         raise UserError(
             f"cannot regenerate step {step}: it needs the student's weights of step "
             f"{lowest if lowest == step - 1 else f'{lowest}..{step - 1}'} (weights/), which the run "
@@ -170,8 +168,6 @@ def wait_for(run_dir: str, stage: str, step: int, job, timeout_s: Optional[float
 
     Raises WaitFailed if the one-shot `job` ends first (with its log's last lines), if the run
     stops while live workers were to do it, or after `timeout_s`."""
-    from launch.executors import base as J, make_executor
-
     rd = RunDir(run_dir)
     run = read_json(rd.run_file) or {}
     executor = make_executor(run.get("executor", "local"), rd.root, load_run_config(rd),

@@ -18,7 +18,13 @@ from typing import List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
+from launch.executors.allocation import render_allocation
+from launch.executors.slurm import render_run
+from launch.start import start
+from shared.config_check import validate
 from shared.errors import UserError, exit_with
+from shared.memory import memory_plan
+from shared.recipe import load, recipe_names
 
 USAGE = "usage: python -m launch.run conf=NAME [key=value ...]"
 
@@ -37,17 +43,12 @@ def split_args(argv: Sequence[str]) -> Tuple[str, List[str]]:
         else:
             overrides.append(a)
     if not conf:
-        from shared.recipe import recipe_names
-
         raise UserError(f"missing conf=NAME. {USAGE}; recipes: {', '.join(recipe_names())}")
     return conf, overrides
 
 
 def prepare(argv: Sequence[str]):
     """Load and validate; returns (conf name, typed config, DictConfig, plan)."""
-    from shared.recipe import load
-    from shared.config_check import validate
-
     conf, overrides = split_args(argv)
     cfg, node = load(conf, overrides)
     plan = validate(cfg, check_models=not cfg.launch.dry_run)
@@ -62,16 +63,10 @@ def print_dry_run(cfg, node, plan) -> None:
     for r, p in plan.roles.items():
         print(f"  {r}: {p.num_nodes} node(s) x {p.gpus_per_node} GPUs, {p.num_tasks} task(s) of "
               f"{p.gpus_per_task} GPU(s), nodes {p.nodes}, gpus {p.gpu_ids}")
-    from shared.memory import memory_plan
-
     print(memory_plan(cfg, plan).format(), end="")
     if cfg.launch.executor == "allocation":
-        from launch.executors.allocation import render_allocation
-
         print(render_allocation(cfg, plan), end="")
         return
-    from launch.executors.slurm import render_run
-
     print(render_run(cfg, plan), end="")
 
 
@@ -82,8 +77,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if cfg.launch.dry_run:
             print_dry_run(cfg, node, plan)
             return 0
-        from launch.start import start
-
         return start(conf, cfg, node, plan)
     except UserError as e:
         exit_with(e, "launch.run")

@@ -21,13 +21,21 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launch import access
+from launch import access, coordinator
+from launch.executors.allocation import Allocation, submit_allocation
+from launch.executors.base import SchedulerError, job_name
+from launch.executors.slurm import submit_coordinator
+from launch.host import CoordinatorJob, run_in_allocation
+from launch.lock import describe_lock, live_coordinator
 from shared import schemas
 from shared.config_check import resolve_path
 from shared.errors import UserError
 from shared.files import atomic_write_bytes, atomic_write_json, read_json
+from shared.models import TINY_PREFIX
+from shared.partition import job_units
 from shared.recipe import REPO_ROOT
 from shared.rundir import FOLDERS, RunDir
+from tinymodels.build import ensure_model
 
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN")
 # 2: jobs are whole-node groups keyed by job key (coordinator/state.json, logs/<key>/).
@@ -104,8 +112,6 @@ def create_run_dir(run_dir: Path, recipe: str, node, plan, executor: str, share_
 def ensure_models(cfg) -> None:
     """The built-in tiny models are built once on the launching machine (cached), so the
     workers, on the same shared filesystem, find them ready."""
-    from shared.models import TINY_PREFIX, ensure_model
-
     for key, name in (("policy.model_name", cfg.policy.model_name),
                       ("teacher.model_name", cfg.teacher.model_name)):
         if name.startswith(TINY_PREFIX):
@@ -128,13 +134,8 @@ def start(conf: str, cfg, node, plan) -> int:
     else:
         run_dir = default_run_dir(cfg.launch.name or Path(conf).stem).resolve()
     if in_allocation(cfg):
-        from launch.executors.allocation import Allocation
-        from shared.partition import job_units
-
         Allocation.current().check(plan, job_units(plan, True))
     if RunDir(run_dir).run_file.exists():
-        from launch.coordinator import describe_lock, live_coordinator
-
         held = live_coordinator(run_dir)
         if held is not None:
             raise UserError(f"a coordinator is already running {run_dir} ({describe_lock(held)}). "
@@ -168,15 +169,10 @@ def start(conf: str, cfg, node, plan) -> int:
              f"  resume:  python -m launch.run conf={conf} launch.run_dir={run_dir}")
     if not cfg.launch.detach:
         print(watch.replace(f"  log:     tail -f {run_dir}/logs/coordinator/coordinator.log\n", ""))
-        from launch.coordinator import main as coordinator_main
-
-        return coordinator_main([str(run_dir)])
+        return coordinator.main([str(run_dir)])
     log_dir = RunDir(run_dir).log_dir("coordinator")
     log_dir.mkdir(parents=True, exist_ok=True)
     if executor == "slurm":
-        from launch.coordinator import CoordinatorJob
-        from launch.executors.slurm import submit_coordinator
-
         job = submit_coordinator(cfg, run_dir, CoordinatorJob(str(run_dir)))
         print(f"Coordinator: Slurm job {job.job_id}\n{watch.replace('coordinator/coordinator.log', f'coordinator/{job.job_id}/{job.job_id}_0_log.out')}")
         return 0
@@ -192,12 +188,9 @@ def start(conf: str, cfg, node, plan) -> int:
 def start_allocation(conf: str, cfg, plan, run_dir: Path) -> int:
     """launch.executor=allocation: inside an allocation, run the coordinator here; on a login
     node, submit the run's allocation (RUN_DIR/coordinator/allocation.sbatch)."""
-    from launch.executors import allocation as A
-    from launch.executors.base import SchedulerError, job_name
-
     if os.environ.get("SLURM_JOB_ID"):
         print(f"  watch:   python -m launch.inspect {run_dir}", flush=True)
-        return A.run_in_allocation(run_dir)
+        return run_in_allocation(run_dir)
     name = job_name(run_dir, "allocation")
     queued = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True,
                             text=True).stdout.split("\n")[0].strip()
@@ -206,7 +199,7 @@ def start_allocation(conf: str, cfg, plan, run_dir: Path) -> int:
                         f"Fix: wait for it (python -m launch.inspect {run_dir}), or scancel it "
                         "first to start another.")
     try:
-        job_id = A.submit_allocation(cfg, plan, run_dir)
+        job_id = submit_allocation(cfg, plan, run_dir)
     except SchedulerError as e:
         raise UserError(f"cannot submit the allocation of {run_dir}: {e}. Fix: check the "
                         "cluster.* keys (partition, account, qos, time_limit) against sinfo and "

@@ -465,6 +465,7 @@ def format_report(report: Dict[str, dict]) -> str:
 
 def draw(run_dir, out_path):
     """Write the timeline PNG to `out_path`; returns the Figure (one y tick per lane)."""
+    # lazy: 0.6 s to import; only drawing needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch

@@ -59,9 +59,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shared import schemas
+from shared.chat import ChatTokenizer
+from shared.data import PromptBuilder, load_prompt_rows, load_rows, save_prompt_rows
 from shared.files import atomic_write_json, read_json
+from shared.models import find_model
 from shared.queue import CorruptShardError, StageQueue
-from shared.rundir import DATA_SUMMARY, HELDOUT, RunDir, append_metrics, read_metrics, step_numbers
+from shared.rundir import (DATA_SUMMARY, HELDOUT, VALIDATION_RESULT, RunDir, append_metrics, read_metrics,
+                           step_numbers)
 
 log = logging.getLogger("sluice.validation")
 
@@ -92,6 +96,7 @@ def is_correct(response: str, answer: Optional[str]) -> bool:
     """math-verify's verdict on `response` against the ground truth `answer`."""
     if answer is None or not response:
         return False
+    # lazy: 0.4 s to import; only scoring a validation needs it
     from math_verify import parse, verify
 
     t = _timeouts()
@@ -127,8 +132,6 @@ class Validation:
 
     def _source(self):
         """(rows, dataset config for the prompt builder, label), or None without validation data."""
-        from shared.data import load_rows
-
         cfg = self.cfg
         if cfg.data.validation.dataset_name is not None or cfg.data.validation.data_path is not None:
             rows, skipped = load_rows(cfg.data.validation, cfg, "validation")
@@ -155,11 +158,7 @@ class Validation:
             return 0
         rows, skipped, ds, label = source
         if tokenizer is None:
-            from shared.chat import ChatTokenizer
-            from shared.models import find_model
-
             tokenizer = ChatTokenizer.from_dir(find_model(cfg.policy.tokenizer.name or cfg.policy.model_name))
-        from shared.data import PromptBuilder, save_prompt_rows
 
         builder = PromptBuilder(cfg, tokenizer, ds)
         limit = min(cfg.data.max_input_seq_length, cfg.policy.max_total_sequence_length - 1,
@@ -188,8 +187,7 @@ class Validation:
 
     def table(self) -> pa.Table:
         if self._table is None:
-            with pa.memory_map(str(self.rd.data_file(DATA_FILE))) as f:
-                self._table = pa.ipc.open_file(f).read_all()
+            self._table = load_prompt_rows(self.rd.data_file(DATA_FILE))
         return self._table
 
     def num_rows(self) -> int:
@@ -237,7 +235,7 @@ class Validation:
         return version in self._collected
 
     def _result_path(self, version: int):
-        return self.vrd.step_dir(version) / "result.json"
+        return self.rd.validation_result(version)
 
     # ------------------------------------------------------------------ scoring
 
@@ -291,9 +289,9 @@ class Validation:
     def _metrics_has(self, version: int) -> bool:
         """metrics.jsonl already holds this collection's row of `version` (a restart after the
         row was appended but before result.json was written). Rows of superseded collections
-        (invalidate_after) do not count."""
+        (shared.retention.invalidate_after) do not count."""
         rows = sum(row.get("step") == version and ACCURACY in row for row in read_metrics(self.rd))
-        superseded = len(list(self.vrd.step_dir(version).glob("result.json.superseded-*")))
+        superseded = len(list(self.vrd.step_dir(version).glob(f"{VALIDATION_RESULT}.superseded-*")))
         return rows > superseded
 
     # ------------------------------------------------------------------ the coordinator's tick
@@ -323,21 +321,7 @@ class Validation:
         return sum(len(StageQueue(self.vrd, v, "rollouts").break_claims(job_id))
                    for v in step_numbers(self.vrd))
 
-    def invalidate_after(self, ckpt: int) -> List[int]:
-        """Training restarts from checkpoint `ckpt`, so weights after it are redone: set aside
-        (quarantine) the validation answers of those versions and forget their results; they
-        are requested again when their step is trained again. Rows already in metrics.jsonl
-        stay (a later row for the same step supersedes them)."""
-        redone = []
-        for v in step_numbers(self.vrd):
-            if v <= ckpt:
-                continue
-            q = StageQueue(self.vrd, v, "rollouts")
-            for k in list(q.committed()):
-                q.quarantine(k, f"redo: training resumed from checkpoint {ckpt}")
-            res = self._result_path(v)
-            if res.exists():
-                os.replace(res, res.with_name(f"result.json.superseded-{int(time.time())}"))
-            self._collected.discard(v)
-            redone.append(v)
-        return redone
+    def forget_after(self, ckpt: int) -> None:
+        """Training restarts from checkpoint `ckpt`: the results of later versions were set
+        aside (shared.retention.invalidate_after) and are no longer collected."""
+        self._collected = {v for v in self._collected if v <= ckpt}

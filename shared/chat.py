@@ -20,6 +20,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import jinja2
+import jinja2.ext
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
 # The special tokens transformers passes to a chat template, by their config names.
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")
@@ -32,8 +38,6 @@ def _token_text(value) -> Optional[str]:
 
 
 def _raise_exception(message: str):
-    import jinja2
-
     raise jinja2.exceptions.TemplateError(message)
 
 
@@ -44,10 +48,6 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 @lru_cache(maxsize=8)
 def _compile(template: str):
-    import jinja2.ext
-    from jinja2 import nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class Generation(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` (marks assistant text for training
         masks in some templates): renders its body."""
@@ -77,8 +77,6 @@ class ChatTokenizer:
 
     @classmethod
     def from_dir(cls, path) -> "ChatTokenizer":
-        from tokenizers import Tokenizer
-
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json (Sluice reads fast tokenizers; save "

@@ -758,6 +758,7 @@ COMPATIBILITY_ONLY = (
 
 def register() -> None:
     """Register the schema with Hydra's ConfigStore (idempotent)."""
+    # lazy: Hydra only where recipes are composed (launch.run); workers read config.yaml
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="sluice_schema", node=SluiceConfig)

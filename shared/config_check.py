@@ -16,6 +16,7 @@ import string
 from pathlib import Path
 from typing import List, Optional, get_args
 
+from shared import sbatch
 from shared.config import (Alignment, CheckpointingConfig, ClusterConfig, Compression, ContextMode,
                            DataConfig, DistillationConfig, EnvName, ExecutorKind, FrozenTeacherSource,
                            GenerationBackend, KLType, LaunchConfig, LoggerConfig, LossConfig,
@@ -24,8 +25,10 @@ from shared.config import (Alignment, CheckpointingConfig, ClusterConfig, Compre
                            SluiceConfig, TraceSelection, TraceSource, TraceType, WandbMode)
 from shared.errors import config_error
 from shared.memory import check_memory
+from shared.models import find_model, tokenizer_fingerprint
 from shared.partition import Plan, plan as make_plan
 from shared.recipe import REPO_ROOT
+from shared.slurm_time import minutes
 
 
 def resolve_path(p: str) -> Optional[Path]:
@@ -343,8 +346,6 @@ def _check_launch(launch: LaunchConfig) -> None:
 
 
 def _minutes(limit: str) -> int:
-    from shared.slurm_time import minutes
-
     return minutes(limit)
 
 
@@ -354,8 +355,6 @@ _SLURM_WORD = re.compile(r"[^\s'\"\\]+")
 
 def _check_cluster(cl: ClusterConfig) -> None:
     """The Slurm keys: each value becomes an #SBATCH line, so it must be one word."""
-    from shared import sbatch
-
     for key, value in (("cluster.time_limit", cl.time_limit),
                        ("cluster.coordinator.time_limit", cl.coordinator.time_limit)):
         if not _SLURM_TIME.fullmatch(str(value)):
@@ -426,8 +425,6 @@ def _check_queue(q: QueueConfig) -> None:
 
 
 def _check_models(cfg: SluiceConfig, required: bool) -> None:
-    from shared.models import find_model, tokenizer_fingerprint
-
     found = {}
     for key, name in (("policy.model_name", cfg.policy.model_name),
                       ("teacher.model_name", cfg.teacher.model_name)):

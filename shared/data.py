@@ -19,14 +19,17 @@ prompts for the same step.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+import pyarrow as pa
 
 from shared.config import DatasetConfig, SluiceConfig
+from shared.config_check import resolve_path
 from shared.errors import UserError
 
 # name -> (HF dataset id, subset, split, problem column, answer column)
@@ -44,7 +47,7 @@ LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 def synthetic_arithmetic(split: str = "train", n: Optional[int] = None) -> List[Dict[str, Any]]:
     """Single-digit arithmetic problems with exact integer answers; deterministic per split.
 
-    Single digits: the tiny models of the smoke runs and the learning check (testing/thinker.py)
+    Single digits: the tiny models of the smoke runs and the learning check (tinymodels/thinker.py)
     learn these in CPU minutes; two-digit products they do not."""
     n = n or (512 if split == "train" else 64)
     rng = random.Random({"train": 0, "validation": 1}.get(split, 2))
@@ -60,6 +63,7 @@ def synthetic_arithmetic(split: str = "train", n: Optional[int] = None) -> List[
 
 def _load_table(ds: DatasetConfig, name: str):
     """A `datasets.Dataset` from a local file/dir or the local HF cache."""
+    # lazy: 0.6 s to import; only loading a dataset needs it
     import datasets
 
     if ds.data_path:
@@ -164,10 +168,6 @@ def split_validation(rows: List[Dict[str, Any]], ds: DatasetConfig):
 def save_prompt_rows(path: Path, rows: List[Dict[str, Any]]) -> None:
     """Tokenized prompt rows (problem, answer, trace, index, dataset, prompt_ids) as an Arrow
     file, written atomically: the run's fixed training or validation prompts."""
-    import os
-
-    import pyarrow as pa
-
     table = pa.table({
         "problem": pa.array([r["problem"] for r in rows], pa.string()),
         "answer": pa.array([r["answer"] for r in rows], pa.string()),
@@ -184,12 +184,16 @@ def save_prompt_rows(path: Path, rows: List[Dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def load_prompt_rows(path: Path) -> pa.Table:
+    """The table save_prompt_rows wrote (memory-mapped)."""
+    with pa.memory_map(str(path)) as f:
+        return pa.ipc.open_file(f).read_all()
+
+
 def read_text_file(path: Optional[str]) -> Optional[str]:
     """A prompt or system-prompt file's text; one trailing newline (editors add it) dropped."""
     if path is None:
         return None
-    from shared.config_check import resolve_path
-
     p = resolve_path(path)
     if p is None:
         raise UserError(f"data error: prompt file {path!r} not found. Fix: check data.*.prompt_file.")

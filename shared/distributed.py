@@ -25,15 +25,20 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import shutil
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, get_args
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from shared.config import Precision
 
@@ -101,9 +106,6 @@ def exit_now(code: int = 0) -> None:
     its process group destroyed. Under load a rank sometimes aborted in that teardown
     ("terminate called without an active exception", after destroy_process_group had
     returned on every rank), which torchrun reports as a failed run."""
-    import logging
-    import sys
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -144,9 +146,6 @@ def load_sharded_weights(model: torch.nn.Module, path: Path, device: torch.devic
     """Fill an FSDP2-sharded model whose parameters are allocated (to_empty) from the HF
     safetensors in `path`, each rank reading only its slices (every rank calls this).
     `prefix`: what the model's state dict adds before the checkpoint's names."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     stored = _safetensors_keys(path)
     if not stored:
         raise FileNotFoundError(f"{path}: no *.safetensors files; Sluice loads HF safetensors "
@@ -198,11 +197,10 @@ def export_hf(model: torch.nn.Module, out_dir: Path, dtype: torch.dtype, d: Dist
     or model-0000i-of-0000n.safetensors and model.safetensors.index.json above
     MAX_FILE_BYTES); every rank calls this. Host memory per rank: its own shards in `dtype`,
     plus the largest tensor while files are consolidated."""
-    import torch.distributed.checkpoint as dcp
+    # lazy: a private torch module (it may move between releases): only the export needs it
     from torch.distributed.checkpoint._consolidate_hf_safetensors import (
         consolidate_safetensors_files_on_every_rank,
     )
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state, seen = {}, set()
     for key, value in get_model_state_dict(model).items():
@@ -238,8 +236,6 @@ def build_sharded(path: Path, dtype: torch.dtype, d: Dist,
     """The HF causal LM in `path`, built on meta (then `wrap(model)`, if given), sharded by
     `shard(model)` (which applies fully_shard), allocated on `alloc_device` (default this
     rank's device; CPU for offloaded parameters) and filled per rank."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

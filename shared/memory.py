@@ -61,6 +61,7 @@ from typing import Dict, List, Optional, Tuple, get_args
 
 from shared.config import MemoryCheck, Precision, SluiceConfig
 from shared.errors import config_error
+from shared.models import find_model
 from shared.partition import Plan
 from shared.pipeline import PLACEMENT_ORDER as ROLES
 
@@ -151,8 +152,6 @@ def model_shape(name: str) -> Optional[ModelShape]:
     """The shape of `name`: the built-in Qwen3 table, else its local config.json, else None."""
     if name in QWEN3:
         return QWEN3[name]
-    from shared.models import find_model
-
     path = find_model(name)
     if path is None or not (path / "config.json").is_file():
         return None
@@ -170,7 +169,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def train_micro_batch_tokens(cfg: SluiceConfig) -> int:
-    """Padded tokens of the largest training micro-batch (stages.train.plan_micro_batches)."""
+    """Padded tokens of the largest training micro-batch (stages.batches.plan_micro_batches)."""
     p = cfg.policy
     if p.dynamic_batching.enabled:
         budget = p.dynamic_batching.train_mb_tokens or p.max_total_sequence_length * p.train_micro_batch_size

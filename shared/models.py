@@ -2,7 +2,8 @@
 
     find_model("Qwen/Qwen3-4B")      # HF cache snapshot dir, or None
     find_model("/path/to/model")      # the path, if it holds a config.json
-    find_model("tiny:student")        # the built-in tiny model (built on first use by the stages)
+    find_model("tiny:student")        # where the built-in tiny model lives (tinymodels.build
+                                      # builds it on first use)
 
 Real recipes name Hugging Face ids; compute nodes have no internet, so ids are resolved only
 from the local cache (`HF_HOME` / `HF_HUB_CACHE`), as with `HF_HUB_OFFLINE=1`.
@@ -34,6 +35,7 @@ def find_model(name: str) -> Optional[Path]:
         return path.resolve() if (path / "config.json").is_file() else None
     if name.count("/") != 1 or name.startswith(("/", ".")):
         return None
+    # lazy: 0.3 s to import; only a Hugging Face id needs it
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -53,30 +55,3 @@ def tokenizer_fingerprint(name: str) -> Optional[str]:
     added = sorted((t["id"], t["content"]) for t in tok.get("added_tokens", []))
     blob = json.dumps([sorted(vocab.items()) if isinstance(vocab, dict) else vocab, added])
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def ensure_model(name: str, key: str = "model_name") -> Path:
-    """The local directory of `name`, building the built-in tiny models on first use.
-
-    Raises FileNotFoundError naming `key` and the fix when the model is not on local disk.
-    """
-    if name.startswith(TINY_PREFIX):
-        if name == TINY_PREFIX + "thinker":
-            from testing.thinker import build_thinker
-
-            build_thinker(tiny_models_dir())
-        elif name.startswith(TINY_PREFIX + "realshape"):
-            from testing.tiny import build_real_shape_models
-
-            build_real_shape_models(tiny_models_dir())
-        else:
-            from testing.tiny import build_tiny_models
-
-            build_tiny_models(tiny_models_dir())
-    path = find_model(name)
-    if path is None or not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{key}={name!r} is not on local disk (compute nodes never download); fetch it on a "
-            f"node with internet (huggingface-cli download {name}) into the HF cache the jobs see "
-            "(HF_HOME), or give a local directory holding config.json")
-    return path

@@ -71,23 +71,15 @@ rewrites until the scan equals what it wrote, so concurrent refreshes never lose
 No lock is needed (flock is unreliable on some cluster filesystems). Readers that need the
 truth (``committed``, ``pending``, ``read``) use the records themselves.
 
-Claims: ``shard-XXXXX.arrow.claim`` created with O_CREAT|O_EXCL, so one creator wins. The
-holder keeps the file open and refreshes ``heartbeat`` by rewriting *its own open file*
-(pwrite + ftruncate), never by path: writing by path could overwrite the claim of a worker
-that broke ours. A claim is stale when ``now - max(heartbeat, file mtime) > lease_s``
-(hosts' clocks must agree to well within ``lease_s``; NTP does). Breaking a stale claim:
-rename it to a unique ``.broken.<uuid>`` name (one renamer wins), then check that the
-renamed file is the one judged stale (same inode and claim_id); if it is not, we moved a
-fresh claim created by another breaker, so we put it back with ``os.link`` (atomic, fails
-if the name is taken) and lose. Only the winner then creates a new claim with O_EXCL. A
-holder detects that its claim was broken (the path no longer names its open file) in
-``heartbeat``/``held``, and ``commit(..., claim=c)`` refuses to commit for a lost claim.
-``claim`` checks for a commit record *after* acquiring, so a shard committed and released
-by another worker a moment earlier is never redone. What leases cannot exclude: a worker
-frozen for longer than the lease (no heartbeat) that wakes between its last ``held``
-check and its replace; its commit then atomically replaces an equivalent shard (stages
-are idempotent), and each commit gets its own record, so nothing is counted twice.
-Heartbeat every ``lease_s / 4`` or more often (``Claim.start_heartbeat``).
+Claims (shared/claims.py says why the protocol is safe): a worker claims shard k by creating
+``shard-0000k.arrow.claim`` with O_CREAT|O_EXCL and keeps its heartbeat fresh; a claim older
+than ``lease_s`` is broken (race-safe) and the shard redone. ``claim`` checks for a commit
+record *after* acquiring, so a shard committed and released by another worker a moment
+earlier is never redone, and ``commit(..., claim=c)`` refuses to commit for a lost claim.
+What leases cannot exclude: a worker frozen for longer than the lease (no heartbeat) that
+wakes between its last ``held`` check and its replace; its commit then atomically replaces
+an equivalent shard (stages are idempotent), and each commit gets its own record, so nothing
+is counted twice.
 
 Integrity: ``read`` and ``verify`` check size, checksum, Arrow parse, row count and schema
 version against the record. A mismatch moves the file to ``quarantine/`` with a reason
@@ -110,7 +102,6 @@ import logging
 import os
 import re
 import secrets
-import socket
 import threading
 import time
 import uuid
@@ -121,17 +112,17 @@ from typing import Any, Iterable, get_args
 import pyarrow as pa
 import xxhash
 
-from shared import jobenv, schemas
+from shared import schemas
+from shared.claims import Claim, Owner, acquire, displace, look
 from shared.config import Compression
 from shared.files import atomic_write_bytes, fsync_dir, json_bytes, temp_name, unlink
 from shared.pipeline import PRODUCER, check_stage
-from shared.rundir import (MAX_SHARDS, SHARD_RE, RunDir, check_shard_index, check_step, parse_shard_name,
-                           shard_name)
+from shared.rundir import (EXPECTED, MAX_SHARDS, SHARD_RE, RunDir, check_shard_index, check_step,
+                           parse_shard_name, shard_name)
 
 log = logging.getLogger("sluice.queue")
 
 MANIFEST = "MANIFEST.json"
-EXPECTED = "EXPECTED.json"
 JOURNAL = "COMMITS.log"
 # A follower of a stage (committed(fast=True)) rescans the records at least this often.
 RESCAN_S = 30.0
@@ -276,172 +267,6 @@ def _checksum(data) -> str:
 
 
 # -------------------------------------------------------------------------- claims
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Who holds a claim; recorded in claims and commit records."""
-
-    job_id: str | None
-    task_id: str | None
-    host: str
-    pid: int
-
-    @classmethod
-    def from_env(cls) -> "Owner":
-        # The job id as the coordinator knows it, so it can find a dead job's claims.
-        return cls(job_id=jobenv.job_id(), task_id=jobenv.task_id(), host=socket.gethostname(),
-                   pid=os.getpid())
-
-
-@dataclass
-class _ClaimSeen:
-    """What a would-be breaker saw of a claim file: enough to recognise that exact file later."""
-
-    dev: int
-    ino: int
-    mtime_ns: int
-    size: int
-    info: dict | None  # parsed JSON, None while being written or if damaged
-
-    @property
-    def heartbeat(self) -> float:
-        hb = self.info.get("heartbeat") if isinstance(self.info, dict) else None
-        mtime = self.mtime_ns / 1e9
-        return max(float(hb), mtime) if isinstance(hb, (int, float)) else mtime
-
-    def same_file(self, other: "_ClaimSeen") -> bool:
-        if (self.dev, self.ino) != (other.dev, other.ino):
-            return False
-        if isinstance(self.info, dict) and isinstance(other.info, dict):
-            # Inode numbers are reused once a file is deleted; the claim_id is not.
-            return self.info.get("claim_id") == other.info.get("claim_id")
-        return (self.mtime_ns, self.size) == (other.mtime_ns, other.size)
-
-
-def _look(path: Path) -> _ClaimSeen | None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        st = os.fstat(fd)
-        raw = os.read(fd, 1 << 16)
-    finally:
-        os.close(fd)
-    try:
-        info = json.loads(raw)
-    except ValueError:
-        info = None  # the holder is between ftruncate and write: its mtime is fresh
-    return _ClaimSeen(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, info)
-
-
-class Claim:
-    """A held claim on one shard. Use as a context manager, or call ``release``."""
-
-    def __init__(self, path: Path, index: int, owner: Owner, lease_s: float, fd: int, info: dict):
-        self.path, self.index, self.owner, self.lease_s = path, index, owner, lease_s
-        self.claim_id = info["claim_id"]
-        self._fd: int | None = fd
-        self._info = info
-        self._io_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.lost = False
-
-    def __repr__(self) -> str:
-        return f"Claim({str(self.path)!r}, lost={self.lost})"
-
-    def held(self) -> bool:
-        """True while ``path`` still names the file we created (nobody broke the claim)."""
-        with self._io_lock:
-            if self._fd is None:
-                return False
-            try:
-                mine, now = os.fstat(self._fd), os.stat(self.path)
-            except FileNotFoundError:
-                self.lost = True
-                return False
-            if (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino):
-                self.lost = True
-            return not self.lost
-
-    def heartbeat(self) -> bool:
-        """Refresh the lease; False (and ``lost``) when the claim was broken meanwhile."""
-        if not self.held():
-            return False
-        with self._io_lock:
-            if self._fd is None:
-                return False
-            self._info["heartbeat"] = time.time()
-            data = json_bytes(self._info)
-            # Through our own descriptor: only ever touches the file we created.
-            os.pwrite(self._fd, data, 0)
-            os.ftruncate(self._fd, len(data))
-            os.fsync(self._fd)
-        return self.held()
-
-    def start_heartbeat(self, interval_s: float | None = None) -> "Claim":
-        """Heartbeat from a daemon thread every ``interval_s`` (default lease/4) until released."""
-        if self._thread is None:
-            interval = self.lease_s / 4 if interval_s is None else interval_s
-
-            def loop() -> None:
-                while not self._stop.wait(interval):
-                    if not self.heartbeat():
-                        log.warning("%s: claim lost (broken by another worker after the lease expired)", self.path)
-                        return
-
-            self._thread = threading.Thread(target=loop, name=f"heartbeat-{self.path.name}", daemon=True)
-            self._thread.start()
-        return self
-
-    def release(self) -> None:
-        """Stop heartbeating and remove the claim file if it is still ours. Idempotent."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        with self._io_lock:
-            fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            st = os.fstat(fd)
-            mine = _ClaimSeen(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, dict(self._info))
-            if not self.lost:
-                # Same rename-check-restore as breaking: never unlink someone else's claim.
-                _displace(self.path, mine)
-        finally:
-            os.close(fd)
-
-    def __enter__(self) -> "Claim":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _displace(path: Path, seen: _ClaimSeen) -> bool:
-    """Remove the claim file at ``path`` iff it is the file ``seen`` describes.
-
-    Rename first (atomic, one winner), then check what we renamed; a different file (a
-    fresh claim) is linked back, which fails harmlessly if the name was taken meanwhile.
-    """
-    aside = path.with_name(f"{path.name}.broken.{uuid.uuid4().hex}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False
-    got = _look(aside)
-    if got is not None and seen.same_file(got):
-        unlink(aside)
-        return True
-    try:
-        os.link(aside, path)
-    except FileExistsError:
-        log.warning("%s: displaced a live claim that could not be restored; its holder will see it lost", path)
-    unlink(aside)
-    return False
 
 
 # --------------------------------------------------------------- following a stage
@@ -754,55 +579,12 @@ class StageQueue:
         released just before us is seen); pass False to redo a committed shard.
         """
         index = check_shard_index(index)
-        owner = owner or Owner.from_env()
         self._ensure_dir()
-        path = self._claim_path(index)
-        for _ in range(2):
-            claim = self._create_claim(path, index, owner)
-            if claim is None:
-                try:  # a heartbeat rewrites the file: a fresh mtime is a fresh claim, no read
-                    if time.time() - os.stat(path).st_mtime <= self.lease_s:
-                        return None
-                except FileNotFoundError:
-                    continue  # released between our create and stat: try once more
-                seen = _look(path)
-                if seen is None:
-                    continue  # released between our create and look: try once more
-                age = time.time() - seen.heartbeat
-                if age <= self.lease_s:
-                    return None
-                if not _displace(path, seen):
-                    return None
-                log.warning(
-                    "%s: broke a stale claim (heartbeat %.1fs old > lease %.1fs) held by %s",
-                    path, age, self.lease_s, seen.info,
-                )
-                claim = self._create_claim(path, index, owner)
-                if claim is None:
-                    return None
-            if if_pending and self._record_path(index).exists():
-                claim.release()
-                return None
-            return claim
-        return None
-
-    def _create_claim(self, path: Path, index: int, owner: Owner) -> Claim | None:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-        except FileExistsError:
+        claim = acquire(self._claim_path(index), index, owner or Owner.from_env(), self.lease_s)
+        if claim is not None and if_pending and self._record_path(index).exists():
+            claim.release()
             return None
-        now = time.time()
-        info = {"format": "sluice.claim/1", "claim_id": uuid.uuid4().hex, "index": index,
-                **asdict(owner), "claimed_at": now, "heartbeat": now}
-        try:
-            # No fsync: until the first heartbeat flushes it, another node may see an empty
-            # claim, which counts as fresh by its mtime. Creation itself is atomic (O_EXCL).
-            os.write(fd, json_bytes(info))
-        except BaseException:
-            os.close(fd)
-            unlink(path)
-            raise
-        return Claim(path, index, owner, self.lease_s, fd, info)
+        return claim
 
     def claim_next(self, owner: Owner | None = None, candidates: Iterable[int] | None = None) -> Claim | None:
         """Claim the first claimable shard of ``candidates`` (default: ``pending()``), or None."""
@@ -827,9 +609,9 @@ class StageQueue:
         for name in sorted(entries):
             if not SHARD_RE.fullmatch(name[: -len(CLAIM_SUFFIX)]):
                 continue
-            seen = _look(self.dir / name)
+            seen = look(self.dir / name)
             if seen is not None and seen.info and str(seen.info.get("job_id")) == str(job_id):
-                if _displace(self.dir / name, seen):
+                if displace(self.dir / name, seen):
                     broken.append(parse_shard_name(name[: -len(CLAIM_SUFFIX)]))
         if broken:
             log.warning("%s: broke claims of dead job %s on shards %s", self.dir, job_id, broken)
@@ -837,7 +619,7 @@ class StageQueue:
 
     def claim_info(self, index: int) -> dict | None:
         """The claim file's JSON (None if unclaimed or being written), plus its ``age_s``."""
-        seen = _look(self._claim_path(index))
+        seen = look(self._claim_path(index))
         if seen is None or seen.info is None:
             return None
         return {**seen.info, "age_s": time.time() - seen.heartbeat}
@@ -1090,12 +872,12 @@ class StageQueue:
         """Add the claim file ``e`` to ``report.stale_claims`` if its heartbeat is older than
         the lease (``repair``: and break it)."""
         index = parse_shard_name(e.name[: -len(CLAIM_SUFFIX)])
-        seen = _look(Path(e.path))
+        seen = look(Path(e.path))
         if seen is None:
             return
         claim_age = now - seen.heartbeat
         if claim_age > self.lease_s:
-            action = "broken" if repair and _displace(Path(e.path), seen) else "none"
+            action = "broken" if repair and displace(Path(e.path), seen) else "none"
             report.stale_claims.append({"index": index, "path": e.path, "age_s": round(claim_age, 3),
                                         "holder": seen.info, "committed": index in records,
                                         "action": action})

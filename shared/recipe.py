@@ -87,6 +87,7 @@ def _resolve_conf(conf: str) -> Tuple[Path, str]:
 
 
 def _check_overrides(overrides: Sequence[str]) -> None:
+    # lazy: modules that only need REPO_ROOT from here do not load Hydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -165,6 +166,7 @@ def _fill_null_sections(node: DictConfig, overrides: Sequence[str]) -> None:
 
 def _parse_value(text: str):
     """An override's value as Hydra reads it (numbers, booleans, null, lists, strings)."""
+    # lazy: modules that only need REPO_ROOT from here do not load Hydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return OverridesParser.create().parse_override(f"x={text}").value()
@@ -172,6 +174,7 @@ def _parse_value(text: str):
 
 def load(conf: str, overrides: Sequence[str] = ()) -> Tuple[SluiceConfig, DictConfig]:
     """Compose the recipe with overrides; return (typed config, resolved DictConfig)."""
+    # lazy: modules that only need REPO_ROOT from here do not load Hydra
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 

@@ -52,7 +52,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
-from shared.files import atomic_write_json, fsync_dir
+from shared.files import atomic_write_json, fsync_dir, read_json
 from shared.pipeline import check_stage
 
 CONFIG = "config.yaml"
@@ -76,8 +76,10 @@ TRAIN_DATA = "train.arrow"      # data/: the prepared training rows
 HELDOUT = "heldout.json"        # data/: the samples held out for validation
 DATA_SUMMARY = "summary.json"   # data/: what was loaded and skipped
 VALIDATION = "validation"
+VALIDATION_RESULT = "result.json"  # validation/steps/<version>/: its accuracy (launch.validation)
 WANDB = "wandb"  # the offline wandb run (launch.logger)
 COMMITTED = "COMMITTED.json"
+EXPECTED = "EXPECTED.json"      # steps/<step>/<stage>/: how many shards the stage has (shared.queue)
 # The folders launch.start creates, and every top-level name a run directory may hold.
 FOLDERS = (COORDINATOR, STEPS, WEIGHTS, CHECKPOINTS, LOGS, WORKERS, DATA)
 TOP_ENTRIES = (CONFIG, RUN_JSON, METRICS, COORDINATOR, LOGS, STEPS, WEIGHTS, CHECKPOINTS,
@@ -214,6 +216,10 @@ class RunDir:
     def log_dir(self, key: str) -> Path:
         return self.path(LOGS, key)
 
+    def validation_result(self, version: int) -> Path:
+        """RUN_DIR/validation/steps/<version>/result.json: the validation of weights `version`."""
+        return self.path(VALIDATION, STEPS, step_name(version), VALIDATION_RESULT)
+
     @property
     def validation(self) -> "RunDir":
         """The validation queue's own run directory: RUN_DIR/validation/steps/<version>/<stage>/."""
@@ -243,15 +249,8 @@ def read_metrics(rd: RunDir) -> list[dict]:
 
 
 def read_events(rd: RunDir) -> list[dict]:
-    """The coordinator's events, RUN_DIR/coordinator/events.jsonl."""
+    """The coordinator's events, RUN_DIR/coordinator/events.jsonl (written by launch.events)."""
     return _read_jsonl(rd.events_file)
-
-
-def append_event(rd: RunDir, name: str, **fields) -> None:
-    """One event line from outside the coordinator's loop (a job handing the run over)."""
-    with open(rd.events_file, "a") as f:
-        f.write(json.dumps({"time": round(time.time(), 3), "event": name, **fields},
-                           sort_keys=True, default=str) + "\n")
 
 
 def append_metrics(rd: RunDir, row: dict) -> None:
@@ -264,8 +263,6 @@ def append_metrics(rd: RunDir, row: dict) -> None:
 
 def active_steps(rd: RunDir, stage: str) -> list[int]:
     """Steps whose `stage` directory has been declared (EXPECTED.json exists), ascending."""
-    from shared.queue import EXPECTED
-
     steps_dir = rd.path(STEPS)  # joined below without path()'s per-path checks: workers poll this
     return [t for t in step_numbers(rd) if (steps_dir / step_name(t) / stage / EXPECTED).is_file()]
 
@@ -284,11 +281,17 @@ def trained_steps(rd: RunDir) -> list[int]:
     return [t for t in step_numbers(rd) if (steps_dir / step_name(t) / TRAIN_RECORD).is_file()]
 
 
+def last_trained_step(rd: RunDir) -> int:
+    """The highest step t such that steps 1..t all have their training result (0: none)."""
+    t = 0
+    while rd.train_record(t + 1).is_file():
+        t += 1
+    return t
+
+
 def worker_records(rd: RunDir, role: Optional[str] = None) -> list[tuple[Path, dict]]:
     """(path, record) of every readable worker record of `role` (None: every role), sorted by
     path. A record being replaced at this moment is skipped (the next poll sees it)."""
-    from shared.files import read_json
-
     root = rd.workers_dir(role)
     if not root.is_dir():
         return []
@@ -315,6 +318,30 @@ def latest_weights(rd: RunDir, at_most: Optional[int] = None) -> Tuple[int, Opti
     """(step, path) of the newest committed student weights with step <= at_most, or (-1, None)."""
     steps = [s for s in committed_steps(rd, WEIGHTS) if at_most is None or s <= at_most]
     return (steps[-1], rd.weights_dir(steps[-1])) if steps else (-1, None)
+
+
+def weights_window(step: int, max_staleness: int) -> range:
+    """The staleness window: the weights versions generation of `step` may use, v with
+    step - 1 - max_staleness <= v <= step - 1 (v = 0: the base model). The one statement of
+    distillation.max_staleness: generation picks from it, launch.resubmit checks it, and
+    shared.retention keeps what it may still need."""
+    return range(max(0, step - 1 - max_staleness), step)
+
+
+def last_step_on(version: int, max_staleness: int) -> int:
+    """The last step whose window (weights_window) holds weights `version`."""
+    return version + 1 + max_staleness
+
+
+def pick_weights(rd: RunDir, step: int, max_staleness: int) -> Optional[Tuple[int, Optional[Path]]]:
+    """(version, weights dir) that generation of `step` may use: the newest committed version
+    of its window, the dir None for version 0 (the base model); None while no version of the
+    window is committed (wait)."""
+    window = weights_window(step, max_staleness)
+    version, path = latest_weights(rd, at_most=window[-1]) if len(window) else (-1, None)
+    if version >= max(window.start, 1):
+        return version, path
+    return (0, None) if window.start == 0 else None
 
 
 def commit_dir(tmp: Path, final: Path, meta: dict) -> None:

@@ -62,6 +62,7 @@ torch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -72,6 +73,7 @@ import pyarrow.compute as pc
 from shared.pipeline import PRODUCER, check_stage
 
 if TYPE_CHECKING:
+    # lazy: the coordinator uses this module without torch
     import torch
 
 SCHEMA_VERSION = 1
@@ -401,6 +403,7 @@ def _logprobs16(values: Any) -> np.ndarray:
     float16 arithmetic is ~10x slower).
     """
     if hasattr(values, "detach"):
+        # lazy: the coordinator uses this module without torch
         import torch
 
         if not values.dtype.is_floating_point:
@@ -489,6 +492,7 @@ def ragged_from_arrow(col: pa.Array | pa.ChunkedArray, dtype: "torch.dtype | Non
 
     Row r is ``values[offsets[r]:offsets[r + 1]]``; null rows are empty.
     """
+    # lazy: the coordinator uses this module without torch
     import torch
 
     chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
@@ -515,8 +519,7 @@ def _tensor(arr: np.ndarray, dtype: "torch.dtype | None") -> "torch.Tensor":
     Conversions run in numpy (single-threaded): torch's OpenMP threads can be 10x slower
     on a node whose cores are busy, and these copies are memory-bound anyway.
     """
-    import warnings
-
+    # lazy: the coordinator reads and writes shards with this module, never loading torch
     import torch
 
     numpy_dtypes = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32,
@@ -544,6 +547,7 @@ def topk_from_arrow(
     views of the Arrow buffers instead (one-chunk tables): the fastest way to a GPU, where
     the casts are free. Do not write to such views.
     """
+    # lazy: the coordinator uses this module without torch
     import torch
 
     k = _infer_k(table.schema.field("teacher_topk_ids").type)

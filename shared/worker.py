@@ -43,9 +43,9 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from shared import jobenv
+from shared.claims import Owner
 from shared.config import SluiceConfig, register
 from shared.files import atomic_write_bytes, json_bytes
-from shared.queue import Owner
 from shared.rundir import RunDir
 
 # A worker record with one of these statuses is of a worker that is gone.

@@ -68,12 +68,12 @@ import pyarrow as pa
 
 from shared.config import SluiceConfig
 from shared.files import read_json
-from shared.models import ensure_model
 from shared.queue import ClaimLostError, CorruptShardError, StageQueue
-from shared.rundir import COMMITTED, RunDir, active_steps, is_committed_dir, latest_weights
+from shared.rundir import COMMITTED, RunDir, active_steps, is_committed_dir, pick_weights, weights_window
 from shared.schemas import build_table
 from shared.waiting import Pacer
 from shared.worker import StopRequested, Worker, fault_point
+from tinymodels.build import ensure_model
 
 log = logging.getLogger("sluice.generate")
 
@@ -105,6 +105,7 @@ class SluiceWorkerExtension:
     `LLM.collective_rpc("sluice_reload_weights", ...)` runs it on every tensor-parallel rank."""
 
     def sluice_reload_weights(self, weights_path: str) -> dict:
+        # lazy: runs in vLLM's worker process; this module's own process (and bench.synthetic) need not load torch
         import torch
 
         t0 = time.perf_counter()
@@ -150,6 +151,7 @@ def engine_kwargs(cfg: SluiceConfig, model_path: str | os.PathLike) -> dict:
     torch.cuda.is_available() would initialise CUDA in this process, and vLLM, which forks its
     engine processes unless CUDA is initialised, would then fork children that cannot use
     CUDA. Spawning is asked for explicitly as well."""
+    # lazy: shared.distributed imports torch, and bench.synthetic runs this module without it
     from shared.distributed import cuda_available
 
     v = cfg.policy.generation.vllm_cfg
@@ -198,6 +200,7 @@ class Generator:
             # With the uni executor the worker runs in-process anyway; keeping the engine core
             # in-process too saves a process spawn and an IPC hop per step.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # lazy: bench.synthetic runs this module's loop without vLLM
         from vllm import LLM, SamplingParams
 
         self._SamplingParams = SamplingParams
@@ -303,16 +306,6 @@ def generate_shard(generator: Generator, prompts: pa.Table, policy_version: int,
 # ------------------------------------------------------------------------ the worker
 
 
-def pick_weights(rd: RunDir, step: int, max_staleness: int) -> Optional[Tuple[int, Optional[Path]]]:
-    """(version, weights dir) that generation of `step` may use, the dir None for version 0
-    (the base model); None while no allowed version is committed (wait)."""
-    lowest = max(0, step - 1 - max_staleness)
-    version, path = latest_weights(rd, at_most=step - 1)
-    if version >= max(lowest, 1):
-        return version, path
-    return (0, None) if lowest == 0 else None
-
-
 @contextmanager
 def _beating(worker: Worker, status: str, detail: str):
     """Say what a long call does (one generate can take minutes; the worker's own thread keeps
@@ -391,7 +384,7 @@ class _GenerationWorker:
             return "complete", f"step {step} complete"
         picked = pick_weights(self.rd, step, self.cfg.distillation.max_staleness)
         if picked is None:
-            lowest = step - 1 - self.cfg.distillation.max_staleness
+            lowest = weights_window(step, self.cfg.distillation.max_staleness).start
             self.due_at = self.pacer.earliest(self.due_at, self._weights_due(lowest))
             return "no_weights", f"step {step}: waiting for weights version >= {lowest}"
         prompts = StageQueue(self.rd, step, "prompts", lease_s=q.lease_s)

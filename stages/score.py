@@ -65,14 +65,19 @@ import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from shared import schemas
 from shared.config import SluiceConfig
+from shared.context import TeacherPromptBuilder, count
 from shared.distributed import (TORCH_DTYPES, Dist, broadcast_object, build_sharded, cuda_available,
                                 exit_now, setup_distributed)
-from shared.models import ensure_model
 from shared.worker import StopRequested, Worker, fault_point, load_run_config
 from stages.teacher_queue import TeacherQueue
+from tinymodels.build import ensure_model
 
 log = logging.getLogger("sluice.score")
 
@@ -215,8 +220,6 @@ def default_device() -> torch.device:
 def load_teacher(cfg: SluiceConfig, device: Optional[torch.device] = None) -> Teacher:
     """Load ``cfg.teacher.model_name`` once, frozen; FSDP2-sharded when the default process
     group has more than one rank (then every rank must call this)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     device = device or default_device()
     dtype = compute_dtype(cfg, device)
     settings = _settings(cfg)
@@ -244,9 +247,6 @@ def load_teacher(cfg: SluiceConfig, device: Optional[torch.device] = None) -> Te
 def _load_sharded(path: Path, dtype: torch.dtype, device: torch.device) -> Scorer:
     """Every rank builds the teacher on meta, shards it per decoder layer and reads only its
     own slices of the checkpoint (shared.distributed.build_sharded)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
 
     def shard(scorer: Scorer) -> Scorer:
@@ -485,10 +485,6 @@ def context_builder(cfg: SluiceConfig):
     """Context distillation's teacher-prompt builder (None for plain distillation)."""
     if not cfg.distillation.context_distillation.enabled:
         return None
-    from transformers import AutoTokenizer
-
-    from shared.context import TeacherPromptBuilder
-
     tokenizer = AutoTokenizer.from_pretrained(
         str(resolve_model(cfg.teacher.tokenizer.name or cfg.teacher.model_name)))
     return TeacherPromptBuilder(cfg, tokenizer)
@@ -501,7 +497,6 @@ def score_table(teacher: Teacher, rollouts: pa.Table, builder=None,
     metrics. Every rank of a sharded teacher calls this with the same table."""
     if builder is None:
         return score_shard(teacher, rollouts, progress=progress), {}
-    from shared.context import count
 
     rows = rollouts.select(["problem", "prompt_ids", "response_ids", "response_text",
                             "static_trace"]).to_pylist()
@@ -635,8 +630,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.once and args.step is None:
         parser.error("--once needs --step N")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # one bar per checkpoint load clutters the worker log
     n = run_worker(args.run_dir, step=args.step, once=args.once)
     log.info("teacher worker exits after committing %d shard(s)", n)

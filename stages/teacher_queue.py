@@ -14,8 +14,9 @@ import logging
 import time
 from typing import Callable, Optional
 
+from shared.claims import Owner
 from shared.config import SluiceConfig
-from shared.queue import ClaimLostError, CorruptShardError, Owner, StageQueue
+from shared.queue import ClaimLostError, CorruptShardError, StageQueue
 from shared.rundir import RunDir, active_steps
 from shared.waiting import Pacer
 from shared.worker import Worker

@@ -53,10 +53,15 @@ Files this module writes in RUN_DIR (each published atomically):
                                first read of a shard until it waits again
     checkpoints/<t:06d>/       torch.distributed.checkpoint of {"train": {"model", "optim",
                                "scheduler", "step", "optimizer_steps", "rng"}} (sharded: loads
-                               on any number of ranks), plus COMMITTED.json. The newest
-                               `checkpointing.keep_top_k` are kept (by step: training sees no
-                               validation metric); null keeps all.
+                               on any number of ranks), plus COMMITTED.json.
+                               `checkpointing.keep_top_k` of them are kept (the newest, and
+                               the best by checkpointing.metric_name: shared.retention); null
+                               keeps all.
     workers/training/...json   rank 0's worker record (shared/worker.py)
+
+Beside it: stages/student.py builds the sharded student, its optimizer and scheduler;
+stages/batches.py turns scored rows into micro-batches; shared/retention.py says which
+checkpoints stay.
 
 Precision: master weights and optimizer state are float32; on GPU with policy.precision
 bfloat16 (float16) FSDP computes in that dtype and reduces gradients in float32. On CPU
@@ -69,35 +74,31 @@ import argparse
 import logging
 import math
 import os
-import shutil
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, get_args
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-from shared.distributed import (TORCH_DTYPES, Dist, broadcast_object, build_sharded, exit_now,
-                                export_hf, setup_distributed)
+from transformers.utils import logging as hf_logging
 
 from shared import jobenv
-from shared.config import OptimizerName, SluiceConfig
+from shared.config import SluiceConfig
+from shared.distributed import Dist, broadcast_object, exit_now, export_hf, setup_distributed
 from shared.files import atomic_write_json
 from shared.loss import distillation_loss
-from shared.models import ensure_model
 from shared.queue import CorruptShardError, NotCommittedError, StageQueue
-from shared.rundir import (CHECKPOINTS, COMMITTED, RunDir, commit_dir, committed_steps,
-                           read_metrics, temp_dir_for)
-from shared.schemas import ragged_from_arrow, topk_from_arrow
+from shared.retention import committed_checkpoints, prune_checkpoints
+from shared.rundir import RunDir, commit_dir, temp_dir_for
 from shared.waiting import Pacer
 from shared.worker import Worker, fault_point, load_run_config
+from stages.batches import Sample, collate, plan_micro_batches, samples_from_table
+from stages.student import (ResponseGather, build_optimizer, build_scheduler, copy_model_files,
+                            load_student, stored_dtype)
 
 log = logging.getLogger("sluice.train")
 
@@ -105,7 +106,6 @@ ROLE = "training"
 # Rank 0 broadcasts at least this often while it waits for shards: the other ranks sit in that
 # broadcast, and a collective that never returns would hit the process-group timeout.
 MAX_SILENCE_S = 30.0
-# Long enough for rank 0 to gather and write a large model while the others wait.
 # Slurm sends the pre-timeout signal up to this much before the time it was asked for (its
 # periodic check): the trainer plans as if it came this early.
 SIGNAL_SLACK_S = 60.0
@@ -113,212 +113,6 @@ DEFAULT_LOSS_CHUNK = 256
 # Per-optimizer-batch sums reduced over ranks (the first five come from distillation_loss).
 METRICS = ("loss_sum", "forward_kl_sum", "reverse_kl_sum", "student_topk_mass_sum", "valid_tokens",
            "tokens")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
-
-
-# -------------------------------------------------------------------------------- model
-
-
-def resolve_model(name: str) -> Path:
-    return ensure_model(name, "policy.model_name")
-
-
-class ResponseGather:
-    """Forward hook on the decoder that keeps only the hidden states at response positions, so
-    the LM head (the largest matmul of a small model) and the logits exist only there:
-    [1, N, vocab] instead of [batch, seq, vocab]. Armed per forward with `set`; disarmed it
-    passes everything through (plain HF forward, e.g. for generate)."""
-
-    def __init__(self, model):
-        self._index = None
-        model.get_decoder().register_forward_hook(self._hook)
-
-    def set(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        self._index = (rows, cols)
-
-    def _hook(self, module, args, output):
-        if self._index is None:
-            return output
-        rows, cols = self._index
-        self._index = None
-        output.last_hidden_state = output.last_hidden_state[rows, cols].unsqueeze(0)
-        return output
-
-
-def load_student(cfg: SluiceConfig, d: Dist):
-    """(FSDP2-sharded student, its base directory). Every rank builds the model on the meta
-    device, shards it and reads only its own slices of the checkpoint
-    (shared.distributed.build_sharded): no rank holds the whole model."""
-    path = resolve_model(cfg.policy.model_name)
-    offload = cfg.policy.dtensor_cfg.cpu_offload and d.device.type == "cuda"
-    if cfg.policy.dtensor_cfg.cpu_offload and not offload:
-        log.warning("policy.dtensor_cfg.cpu_offload=true has no effect on CPU")
-    shard_kwargs = dict(
-        mesh=init_device_mesh(d.device.type, (d.world,)),
-        mp_policy=_mixed_precision(cfg, d),
-        offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
-    )
-
-    def shard(model):
-        model.config.use_cache = False
-        if cfg.policy.dtensor_cfg.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        layer_classes = set(getattr(model, "_no_split_modules", None) or ())
-        layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
-        if not layers:
-            raise ValueError(f"policy.model_name={cfg.policy.model_name!r}: no decoder layers found "
-                             f"(classes {sorted(layer_classes)}); Sluice shards each decoder layer")
-        for layer in layers:
-            fully_shard(layer, **shard_kwargs)
-        fully_shard(model, **shard_kwargs)
-        return model
-
-    model = build_sharded(path, torch.float32, d, shard,
-                          alloc_device=torch.device("cpu") if offload else d.device)
-    return model, path
-
-
-def _mixed_precision(cfg: SluiceConfig, d: Dist) -> MixedPrecisionPolicy:
-    precision = cfg.policy.precision
-    # The user's value was checked by shared.config_check.validate before submission.
-    assert precision in TORCH_DTYPES, f"policy.precision={precision!r}"
-    if d.device.type != "cuda" or precision == "float32":
-        return MixedPrecisionPolicy()
-    if precision == "float16":
-        log.warning("policy.precision=float16: training without loss scaling; bfloat16 is safer")
-    return MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[precision], reduce_dtype=torch.float32)
-
-
-def build_optimizer(cfg: SluiceConfig, model) -> torch.optim.Optimizer:
-    name = cfg.policy.optimizer.name
-    assert name in get_args(OptimizerName), name  # config_check._check_optimizer
-    cls = getattr(torch.optim, name.rsplit(".", 1)[-1])
-    kwargs = dict(cfg.policy.optimizer.kwargs)
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    return cls(model.parameters(), **kwargs)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, entries) -> Optional[torch.optim.lr_scheduler.LRScheduler]:
-    """The runbook's scheduler list: {name: torch.optim.lr_scheduler.X, kwargs: {...}} entries,
-    chained with SequentialLR at the one {milestones: [...]} entry's steps; a single scheduler
-    is used alone; none gives a constant LR (returns None)."""
-    schedulers, milestones = [], None
-    for i, entry in enumerate(entries or ()):
-        entry = dict(entry)
-        if "milestones" in entry:
-            milestones = list(entry["milestones"])
-            continue
-        name = str(entry.get("name", ""))
-        cls = getattr(torch.optim.lr_scheduler, name.rsplit(".", 1)[-1], None)
-        if not name.startswith("torch.optim.lr_scheduler.") or not isinstance(cls, type):
-            raise ValueError(f"policy.scheduler[{i}].name={name!r} is not a "
-                             "torch.optim.lr_scheduler class (e.g. torch.optim.lr_scheduler.LinearLR)")
-        schedulers.append(cls(optimizer, **dict(entry.get("kwargs") or {})))
-    if not schedulers:
-        return None
-    if len(schedulers) == 1:
-        return schedulers[0]
-    if milestones is None or len(milestones) != len(schedulers) - 1:
-        raise ValueError(f"policy.scheduler: {len(schedulers)} schedulers need one "
-                         f"{{milestones: [...]}} entry with {len(schedulers) - 1} milestone(s)")
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones=milestones)
-
-
-# --------------------------------------------------------------------------------- data
-
-
-@dataclass
-class Sample:
-    """One scored row, ready to train on."""
-
-    sample_id: str
-    input_ids: torch.Tensor  # [P + R] int64: prompt then response
-    prompt_len: int  # P
-    topk_ids: torch.Tensor  # [R, k] int64 (empty for an unscored dropped row)
-    topk_logprobs: torch.Tensor  # [R, k] float32
-    used: bool  # sample_mask == 1
-
-    @property
-    def response_len(self) -> int:
-        return self.input_ids.shape[0] - self.prompt_len
-
-
-def samples_from_table(table) -> list[Sample]:
-    """The rows of a scored table as Samples (a loop over rows, none over tokens)."""
-    prompt, prompt_off = ragged_from_arrow(table.column("prompt_ids"), torch.int64)
-    resp, resp_off = ragged_from_arrow(table.column("response_ids"), torch.int64)
-    topk = topk_from_arrow(table)
-    mask = table.column("sample_mask").to_pylist()
-    ids = table.column("sample_id").to_pylist()
-    out = []
-    for r in range(table.num_rows):
-        p = prompt[prompt_off[r]:prompt_off[r + 1]]
-        a, b = int(topk.offsets[r]), int(topk.offsets[r + 1])
-        used = mask[r] == 1
-        if used and len(p) == 0:
-            raise ValueError(f"sample {ids[r]!r}: empty prompt_ids; no position predicts its "
-                             "first response token")
-        out.append(Sample(ids[r], torch.cat([p, resp[resp_off[r]:resp_off[r + 1]]]), len(p),
-                          topk.ids[a:b], topk.logprobs[a:b], used))
-    return out
-
-
-def plan_micro_batches(lengths: list[int], micro_batch_size: int, token_budget: Optional[int] = None,
-                       round_to: int = 1) -> list[list[int]]:
-    """Micro-batches as lists of indices into `lengths` (sequence lengths).
-
-    Without a token budget: consecutive groups of `micro_batch_size`. With one: longest first,
-    each micro-batch grows while (sequences x padded longest length) fits the budget; a
-    sequence longer than the budget goes alone."""
-    if token_budget is None:
-        return [list(range(i, min(i + micro_batch_size, len(lengths))))
-                for i in range(0, len(lengths), micro_batch_size)]
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches:
-            longest = _round_up(lengths[batches[-1][0]], round_to)
-            if (len(batches[-1]) + 1) * longest <= token_budget:
-                batches[-1].append(i)
-                continue
-        batches.append([i])
-    return batches
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-@dataclass
-class MicroBatch:
-    input_ids: torch.Tensor  # [b, L] right-padded
-    rows: torch.Tensor  # [N] row of each response token
-    cols: torch.Tensor  # [N] position that predicts it
-    topk_ids: torch.Tensor  # [N, k]
-    topk_logprobs: torch.Tensor  # [N, k]
-    tokens: int  # real (unpadded) tokens
-
-    def to(self, device: torch.device) -> "MicroBatch":
-        return MicroBatch(*(t.to(device, non_blocking=True) for t in
-                            (self.input_ids, self.rows, self.cols, self.topk_ids, self.topk_logprobs)),
-                          self.tokens)
-
-
-def collate(samples: list[Sample], pad_id: int, multiple: int = 1) -> MicroBatch:
-    """Right-pad into one [b, L] batch. No attention mask: attention is causal, so a real token
-    never sees the padding after it, and positions count from 0 in every row."""
-    length = _round_up(max(len(s.input_ids) for s in samples), multiple)
-    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.int64)
-    rows, cols = [], []
-    for i, s in enumerate(samples):
-        input_ids[i, :len(s.input_ids)] = s.input_ids
-        rows.append(torch.full((s.response_len,), i, dtype=torch.int64))
-        cols.append(torch.arange(s.prompt_len - 1, s.prompt_len - 1 + s.response_len))
-    return MicroBatch(input_ids, torch.cat(rows), torch.cat(cols),
-                      torch.cat([s.topk_ids for s in samples]),
-                      torch.cat([s.topk_logprobs for s in samples]),
-                      sum(len(s.input_ids) for s in samples))
 
 
 # ------------------------------------------------------------------------------ trainer
@@ -380,7 +174,7 @@ class Trainer:
         self.stop_at: Optional[float] = None  # when the job's pre-timeout signal may come
         config = self.model.config
         self.pad_id = next((i for i in (config.pad_token_id, config.eos_token_id) if isinstance(i, int)), 0)
-        self.export_dtype = _stored_dtype(self.base_dir)
+        self.export_dtype = stored_dtype(self.base_dir)
         gen = cfg.policy.generation
         self.temperature = gen.temperature if gen is not None else 1.0
         p = cfg.policy
@@ -621,18 +415,9 @@ class Trainer:
         if self.d.rank == 0:
             commit_dir(Path(tmp), final, {"step": self.step, "optimizer_steps": self.optimizer_steps,
                                           "world_size": self.d.world, "format": "torch-dcp"})
-            self._prune_checkpoints()
+            prune_checkpoints(self.rd, self.cfg.checkpointing)
         self.checkpointed_step = self.step
         self.save_s = time.monotonic() - started
-
-    def _prune_checkpoints(self) -> None:
-        ck = self.cfg.checkpointing
-        if ck.keep_top_k is None:
-            return
-        steps = committed_checkpoints(self.rd)
-        for step in checkpoints_to_drop(steps, checkpoint_scores(self.rd, ck.metric_name),
-                                        ck.keep_top_k, ck.higher_is_better):
-            shutil.rmtree(self.checkpoint_dir(step), ignore_errors=True)
 
     def restore(self, before: Optional[int] = None) -> int:
         """Load the newest committed checkpoint (with step < `before`, if given); return its
@@ -669,52 +454,6 @@ class Trainer:
                      result["lr"] or 0.0, result["optimizer_steps"], result["tokens_per_s_per_gpu"],
                      result["timing"]["wait_s"])
         return result
-
-
-def checkpoint_scores(rd: RunDir, metric_name: str) -> dict:
-    """step -> value of checkpointing.metric_name ('val:accuracy' -> validation/accuracy,
-    'train:loss' -> train/loss) from RUN_DIR/metrics.jsonl, where the run has one."""
-    prefix, _, name = metric_name.partition(":")
-    key = {"val": "validation", "train": "train"}.get(prefix, prefix) + "/" + name
-    return {int(row["step"]): float(row[key]) for row in read_metrics(rd) if key in row}
-
-
-def checkpoints_to_drop(steps: list, scores: dict, keep: int, higher_is_better: bool) -> list:
-    """keep_top_k: the newest checkpoint always stays (it is what a resume needs); of the
-    others, those with a score rank by it, unscored ones after them by recency."""
-    if len(steps) <= max(keep, 1):
-        return []
-    newest, rest = steps[-1], steps[:-1]
-    sign = -1.0 if higher_is_better else 1.0
-    ranked = sorted(rest, key=lambda s: (s not in scores, sign * scores.get(s, 0.0), -s))
-    kept = set(ranked[:max(keep, 1) - 1]) | {newest}
-    return [s for s in steps if s not in kept]
-
-
-def committed_checkpoints(rd: RunDir) -> list[int]:
-    return committed_steps(rd, CHECKPOINTS)
-
-
-def _stored_dtype(model_dir: Path) -> torch.dtype:
-    """The dtype the base checkpoint is stored in (exported weights use it too), from its file:
-    the loaded model's config says float32, the dtype it was loaded in."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-
-
-def copy_model_files(base_dir: Path, out_dir: Path) -> None:
-    """The base model's config.json as is (architecture and dtype unchanged by training; vLLM
-    already loads it), tokenizer files, generation_config.json, chat template: everything
-    but its weights."""
-    for src in Path(base_dir).iterdir():
-        if src.is_file() and not src.name.startswith(".") and src.name != COMMITTED \
-                and not src.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copyfile(src, out_dir / src.name)
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -781,8 +520,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s train[{rank}] %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # one bar per load, in every rank's log
     run(args.run_dir, step=args.step)
     exit_now(0)  # everything is saved and the process group is gone

@@ -18,7 +18,7 @@ import pytest
 def tiny_models():
     """The built-in tiny student/teacher/tokenizer (built once, cached under .cache/)."""
     from shared.models import tiny_models_dir
-    from testing.tiny import build_tiny_models
+    from tinymodels.random_weights import build_tiny_models
 
     return build_tiny_models(tiny_models_dir())
 

@@ -19,7 +19,7 @@ import pytest
 
 from shared.chat import ChatTokenizer
 from shared.models import tiny_models_dir
-from testing.tiny import build_real_shape_models, build_tiny_models
+from tinymodels.random_weights import build_real_shape_models, build_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,9 +87,9 @@ PREPARE = """
 import sys
 from launch.coordinator import Coordinator
 c = Coordinator(sys.argv[1])
-c.prepare_data()
+c.data.prepare()
 c.validation.prepare()
-print("rows", c._train_table().num_rows, "validation", c.validation.num_rows())
+print("rows", c.data.table().num_rows, "validation", c.validation.num_rows())
 print("imported", sorted(m for m in ("torch", "vllm", "transformers") if m in sys.modules))
 """
 

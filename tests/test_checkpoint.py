@@ -13,8 +13,8 @@ import torch
 
 from bench.bench_train import make_run_dir, write_scored_step
 from shared.models import tiny_models_dir
-from testing.tiny import build_tiny_models
-from stages.train import committed_checkpoints
+from tinymodels.random_weights import build_tiny_models
+from shared.retention import checkpoints_to_drop, committed_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, K = 512, 16
@@ -72,8 +72,6 @@ def test_kill_during_checkpoint_save_then_resume(tmp_path):
 
 
 def test_keep_top_k_ranks_by_validation_metric():
-    from stages.train import checkpoints_to_drop
-
     steps = [2, 4, 6, 8, 10]
     acc = {2: 0.5, 4: 0.9, 6: 0.1, 8: 0.7}  # step 10 not validated yet
     # keep 3: the newest (10) plus the two best validated (4, 8)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from shared.models import tiny_models_dir
-from testing.tiny import build_real_shape_models
+from tinymodels.random_weights import build_real_shape_models
 
 REPO = Path(__file__).resolve().parents[1]
 # Host memory a rank may hold above its own shards while loading: the reader's buffers for

@@ -33,7 +33,7 @@ FAULT_OVERRIDES = ("queue.prompts_per_shard=2", "queue.lease_s=20", "queue.heart
 
 
 def _pid_alive(pid: int) -> bool:
-    from launch.executors.local import pid_alive
+    from launch.processes import pid_alive
 
     return pid_alive(pid)
 

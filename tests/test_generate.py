@@ -22,8 +22,8 @@ from shared.queue import StageQueue
 from shared.recipe import load
 from shared.rundir import RunDir, commit_dir, temp_dir_for
 from shared.schemas import build_table
-from stages.generate import Generator, generate_shard, pick_weights, run_worker, sample_seed
-from testing.tiny import build_tiny_models
+from stages.generate import Generator, generate_shard, run_worker, sample_seed
+from tinymodels.random_weights import build_tiny_models
 
 LONG_PROMPT = 150  # > the CPU KV block (128 tokens): the prefix cache holds a full block
 
@@ -116,7 +116,7 @@ from pathlib import Path
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from shared.distributed import build_sharded, export_hf, setup_distributed
-from stages.train import copy_model_files
+from stages.student import copy_model_files
 
 base, out = Path(sys.argv[1]), Path(sys.argv[2])
 d = setup_distributed(seed=0)
@@ -146,7 +146,7 @@ def test_reload_of_a_trainer_export_equals_fresh_engine_at_real_shapes(tmp_path)
     import subprocess
     import sys
 
-    from testing.tiny import build_real_shape_models
+    from tinymodels.random_weights import build_real_shape_models
 
     base = Path(build_real_shape_models(tiny_models_dir())["realshape-student"])
     new = tmp_path / "exported"
@@ -230,22 +230,6 @@ def commit_weights(rd: RunDir, step: int, src: Path) -> None:
     tmp = temp_dir_for(final)
     shutil.copytree(src, tmp, dirs_exist_ok=True)
     commit_dir(tmp, final, {"step": step})
-
-
-def test_pick_weights(tmp_path, student):
-    rd = RunDir(tmp_path)
-    assert pick_weights(rd, 1, 0) == (0, None)
-    assert pick_weights(rd, 2, 0) is None  # waits for weights/000001
-    assert pick_weights(rd, 2, 1) == (0, None)
-    final = rd.weights_dir(1)
-    final.mkdir(parents=True)  # not committed (no COMMITTED.json): invisible
-    assert pick_weights(rd, 2, 0) is None
-    shutil.rmtree(final)
-    commit_weights(rd, 1, student)
-    assert pick_weights(rd, 2, 0) == (1, rd.weights_dir(1))
-    assert pick_weights(rd, 3, 1) == (1, rd.weights_dir(1))
-    assert pick_weights(rd, 3, 0) is None
-    assert pick_weights(rd, 1, 0) == (0, None)  # never newer than step - 1
 
 
 def make_run(tmp_path: Path) -> RunDir:

@@ -18,12 +18,12 @@ import pyarrow as pa
 import xxhash
 import pytest
 
-from shared import queue, schemas
+from shared import claims, queue, schemas
+from shared.claims import Owner
 from shared.queue import (
     ClaimLostError,
     CorruptShardError,
     NotCommittedError,
-    Owner,
     StageQueue,
 )
 from shared.rundir import RunDir, parse_shard_name
@@ -341,8 +341,8 @@ def test_break_claims_of_a_dead_job_only(tmp_path):
 def test_displacing_a_fresh_claim_puts_it_back(tmp_path):
     q = StageQueue(tmp_path, 0, "prompts")
     live = q.claim(0)
-    other = queue._ClaimSeen(dev=0, ino=0, mtime_ns=0, size=0, info={"claim_id": "someone-else"})
-    assert not queue._displace(q._claim_path(0), other)
+    other = claims.ClaimSeen(dev=0, ino=0, mtime_ns=0, size=0, info={"claim_id": "someone-else"})
+    assert not claims.displace(q._claim_path(0), other)
     assert live.held()
     live.release()
     assert not q._claim_path(0).exists()

@@ -4,13 +4,15 @@ table of stages and roles)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from shared import pipeline
 from shared.rundir import (TOP_ENTRIES, RunDir, append_metrics, check_shard_index, check_step,
-                           commit_dir, committed_steps, latest_weights, read_events, read_metrics,
-                           step_numbers, temp_dir_for, trained_steps, worker_records)
+                           commit_dir, committed_steps, last_step_on, latest_weights, pick_weights,
+                           read_events, read_metrics, step_numbers, temp_dir_for, trained_steps,
+                           weights_window, worker_records)
 
 
 def test_layout_names(tmp_path):
@@ -103,3 +105,33 @@ def test_pipeline_table():
     # Each role reads what the one before it writes.
     for before, after in zip(pipeline.PIPELINE, pipeline.PIPELINE[1:]):
         assert after.consumes == before.produces
+
+
+def test_pick_weights(tmp_path):
+    rd = RunDir(tmp_path)
+    assert pick_weights(rd, 1, 0) == (0, None)
+    assert pick_weights(rd, 2, 0) is None  # waits for weights/000001
+    assert pick_weights(rd, 2, 1) == (0, None)
+    final = rd.weights_dir(1)
+    final.mkdir(parents=True)  # not committed (no COMMITTED.json): invisible
+    assert pick_weights(rd, 2, 0) is None
+    shutil.rmtree(final)
+    tmp = temp_dir_for(rd.weights_dir(1))
+    (tmp / "model.safetensors").write_bytes(b"weights")
+    commit_dir(tmp, rd.weights_dir(1), {"step": 1})
+    assert pick_weights(rd, 2, 0) == (1, rd.weights_dir(1))
+    assert pick_weights(rd, 3, 1) == (1, rd.weights_dir(1))
+    assert pick_weights(rd, 3, 0) is None
+    assert pick_weights(rd, 1, 0) == (0, None)  # never newer than step - 1
+
+
+
+@pytest.mark.parametrize("staleness", [0, 1, 3])
+def test_weights_window_and_its_inverse(staleness):
+    """Generation of step t may use weights t-1-max_staleness .. t-1 (never below the base
+    model, version 0); last_step_on(v) is the last step whose window holds v."""
+    assert list(weights_window(1, staleness)) == [0]
+    assert list(weights_window(10, staleness)) == list(range(9 - staleness, 10))
+    for v in range(0, 12):
+        on = [t for t in range(1, 30) if v in weights_window(t, staleness)]
+        assert on == list(range(v + 1, last_step_on(v, staleness) + 1))

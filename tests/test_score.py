@@ -45,7 +45,7 @@ OVERRIDES = ["teacher.generation.temperature=0.7"]
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny models, built once; ``tiny:teacher`` resolves here (also in subprocesses)."""
-    from testing.tiny import build_tiny_models
+    from tinymodels.random_weights import build_tiny_models
 
     out = tmp_path_factory.mktemp("tiny-models")
     build_tiny_models(out)

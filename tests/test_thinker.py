@@ -1,4 +1,4 @@
-"""The tiny thinker of testing/thinker.py writes `<think>` traces and solves its problems.
+"""The tiny thinker of tinymodels/thinker.py writes `<think>` traces and solves its problems.
 
     python -m pytest tests/test_thinker.py -q              # all (builds ~3 min when not cached)
     python -m pytest tests/test_thinker.py -q -m "not vllm"
@@ -34,7 +34,7 @@ MIN_TRACE_RATE = 0.9
 
 @pytest.fixture(scope="module")
 def thinker():
-    from testing.thinker import build_thinker
+    from tinymodels.thinker import build_thinker
 
     start = time.perf_counter()
     path = build_thinker()
@@ -44,8 +44,8 @@ def thinker():
 
 def test_target_and_prompt_tokens():
     """The answer format is made of the tokens the pipeline and trace extractor expect."""
-    from testing.thinker import draw, prompt_builder, target_text
-    from testing.tiny import build_tokenizer
+    from tinymodels.thinker import draw, prompt_builder, target_text
+    from tinymodels.random_weights import build_tokenizer
 
     tok = build_tokenizer()
     assert tok.eos_token == "<|im_end|>"
@@ -70,8 +70,8 @@ def test_prefix_cached_loss_matches_full_sequences():
     import torch.nn.functional as F
     from transformers import Qwen3ForCausalLM
 
-    from testing.thinker import _batch_loss, _encode, prompt_builder, training_stream
-    from testing.tiny import TEACHER_CONFIG, qwen3_config, build_tokenizer
+    from tinymodels.thinker import _batch_loss, _encode, prompt_builder, training_stream
+    from tinymodels.random_weights import TEACHER_CONFIG, qwen3_config, build_tokenizer
 
     tok = build_tokenizer()
     config = qwen3_config(TEACHER_CONFIG, tok)
@@ -98,7 +98,7 @@ def test_prefix_cached_loss_matches_full_sequences():
 
 def test_build_is_cached_locked_and_deterministic(tmp_path):
     """A quick 3-step build: layout, marker, reuse, rebuild without marker, same weights."""
-    from testing.thinker import MARKER, build_info, build_thinker
+    from tinymodels.thinker import MARKER, build_info, build_thinker
 
     quick = dict(max_steps=3, eval_every=1000, log=lambda *_: None)
     path = Path(build_thinker(tmp_path / "a", **quick))
@@ -129,7 +129,7 @@ def test_thinker_checkpoint(thinker):
     from transformers import AutoConfig
 
     from shared.models import find_model, tiny_models_dir
-    from testing.tiny import TEACHER_CONFIG
+    from tinymodels.random_weights import TEACHER_CONFIG
 
     assert Path(thinker) == tiny_models_dir() / "thinker"
     assert find_model("tiny:thinker") == Path(thinker)
@@ -140,7 +140,7 @@ def test_thinker_checkpoint(thinker):
 
 
 def test_thinker_solves_heldout_with_traces(thinker):
-    from testing.thinker import build_info, evaluate, heldout_problems
+    from tinymodels.thinker import build_info, evaluate, heldout_problems
 
     print("build:", {k: v for k, v in (build_info(Path(thinker).parent) or {}).items()
                      if k != "history"})
@@ -160,7 +160,7 @@ def test_vllm_greedy_writes_think_spans(thinker, tmp_path):
     completions carry a `<think>` span and the right answers, as with transformers."""
     from transformers import AutoTokenizer
 
-    from testing.thinker import evaluate, has_trace, heldout_problems, parse_boxed, prompt_builder
+    from tinymodels.thinker import evaluate, has_trace, heldout_problems, parse_boxed, prompt_builder
 
     problems = heldout_problems()[:32]
     tok = AutoTokenizer.from_pretrained(thinker)

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.dist]
 
 
 def _alive(pid: int) -> bool:
-    from launch.executors.local import pid_alive
+    from launch.processes import pid_alive
 
     return pid_alive(pid)
 
@@ -64,7 +64,7 @@ def _task_of(pid: int) -> int:
 
 
 def _tree(pid: int) -> list:
-    from launch.executors.local import process_tree
+    from launch.processes import process_tree
 
     return process_tree(pid)
 

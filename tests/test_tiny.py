@@ -1,4 +1,4 @@
-"""The tiny models of testing/tiny.py load and behave like real Qwen3 checkpoints.
+"""The tiny models of tinymodels/random_weights.py load and behave like real Qwen3 checkpoints.
 
     python -m pytest tests/test_tiny.py -q              # all (the vLLM one takes ~15 s)
     python -m pytest tests/test_tiny.py -q -m "not vllm"
@@ -31,7 +31,7 @@ QUESTIONS = ["What is 12 + 7?", "Bob has 3 apples and buys 4 more.", "Hi", "Solv
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from testing.tiny import build_tiny_models
+    from tinymodels.random_weights import build_tiny_models
 
     start = time.perf_counter()
     paths = build_tiny_models(tmp_path_factory.mktemp("tiny"))
@@ -78,7 +78,7 @@ def test_real_shape_models_have_qwen3_shapes():
     from transformers import AutoConfig, AutoTokenizer
 
     from shared.models import tiny_models_dir
-    from testing.tiny import build_real_shape_models
+    from tinymodels.random_weights import build_real_shape_models
 
     paths = build_real_shape_models(tiny_models_dir())
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
@@ -96,7 +96,7 @@ def test_real_shape_models_have_qwen3_shapes():
 
 
 def test_build_is_cached_and_deterministic(tiny, tmp_path):
-    from testing.tiny import MARKER, build_tiny_models
+    from tinymodels.random_weights import MARKER, build_tiny_models
 
     out = Path(tiny["student"]).parent
     weights = Path(tiny["student"]) / "model.safetensors"
@@ -212,7 +212,7 @@ def test_vllm_greedy_matches_transformers(tiny, tmp_path):
     Then the engine reloads other weights in place (`reload_weights`, as the generation stage
     does each step) and must match transformers on those: the untied embeddings are what make
     this work on CPU without re-packing lm_head (notes/platform.md)."""
-    from testing.tiny import build_tiny_models
+    from tinymodels.random_weights import build_tiny_models
 
     other = build_tiny_models(tmp_path / "seed1", seed=1)
     prompts = _prompts(tiny["tokenizer"])

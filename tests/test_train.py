@@ -30,15 +30,9 @@ import torch
 from bench.bench_train import make_run_dir, write_scored_step
 from shared.loss import distillation_loss
 from shared.models import tiny_models_dir
-from testing.tiny import build_tiny_models
-from stages.train import (
-    ResponseGather,
-    build_scheduler,
-    collate,
-    plan_micro_batches,
-    samples_from_table,
-    copy_model_files,
-)
+from tinymodels.random_weights import build_tiny_models
+from stages.batches import collate, plan_micro_batches, samples_from_table
+from stages.student import ResponseGather, build_scheduler, copy_model_files
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, K = 512, 16

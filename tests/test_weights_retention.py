@@ -1,4 +1,4 @@
-"""weights/<step> is pruned to what the run still needs (launch.coordinator.weights_needed).
+"""weights/<step> is pruned to what the run still needs (shared.retention.weights_needed).
 
 A full copy of the student per step is 8 GB for Qwen3-4B in bf16: 4 TB over 500 steps. The
 coordinator keeps what generation may still load (given max_staleness), what a resume from
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.coordinator import weights_needed
+from shared.retention import weights_needed
 from tests.test_e2e import REPO, assert_scored_exactly_once, check_rc, events, inspect, launch
 
 COMMITTED = list(range(1, 13))

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import get_args
 
+from launch.executors.allocation import AllocationExecutor
 from launch.executors.base import Executor
+from launch.executors.local import LocalExecutor
+from launch.executors.slurm import SlurmExecutor
 from shared.config import ExecutorKind
 
 # The kinds a run directory records (run.json); "auto" is resolved before that.
@@ -23,15 +26,9 @@ EXECUTORS = tuple(k for k in get_args(ExecutorKind) if k != "auto")
 
 def make_executor(kind: str, run_dir, cfg, plan) -> Executor:
     if kind == "local":
-        from launch.executors.local import LocalExecutor
-
         return LocalExecutor(run_dir, cfg, plan)
     if kind == "slurm":
-        from launch.executors.slurm import SlurmExecutor
-
         return SlurmExecutor(run_dir, cfg, plan)
     if kind == "allocation":
-        from launch.executors.allocation import AllocationExecutor
-
         return AllocationExecutor(run_dir, cfg, plan)
     raise ValueError(f"unknown executor {kind!r}: one of {', '.join(EXECUTORS)}")

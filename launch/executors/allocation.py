@@ -25,10 +25,8 @@ it, so a restarted coordinator finds its live steps with `squeue -s`. A step tha
 started again as a new step (same retry accounting as the other executors); a node that fails
 stops the run cleanly (resumable in a new allocation). On the allocation's pre-timeout signal
 (`--signal=B:USR2@cluster.signal_delay_s`) the coordinator stops its steps as the other
-executors stop their jobs (the trainer checkpoints), then submits the allocation's successor
-(`sbatch --dependency=afterany:<this job>` of RUN_DIR/coordinator/allocation.sbatch) or, for
-an allocation Sluice did not write, requeues it (`scontrol requeue`); either way the run
-resumes from RUN_DIR.
+executors stop their jobs (`stop_steps`: the trainer checkpoints); the batch step that hosts
+it (`python -m launch.host allocation`) then submits the allocation's successor or requeues it.
 """
 
 from __future__ import annotations
@@ -45,13 +43,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
-from launch.executors.base import (Executor, SchedulerError, UnitTask, hostnames, job_name,
-                                   run_command,
-                                   log_folder, one_shot_unit, run_tag,
-                                   time_limit_min, units_by_key, worker_command, LaunchContext)
+from launch.executors.base import (Executor, LaunchContext, SchedulerError, UnitTask, hostnames,
+                                   job_name, log_folder, one_shot_unit, run_command, run_tag,
+                                   time_limit_min, units_by_key, worker_command)
+from launch.executors.slurm import sbatch_command
 from shared import sbatch
 from shared.errors import UserError
-from shared.partition import JobPlan, job_units
+from shared.files import read_json
+from shared.partition import JobPlan, Plan, job_units
+from shared.rundir import RunDir
+from shared.worker import load_run_config
 
 KIND = "allocation"
 # A step of an allocation (or an incarnation of it) that is over: the scheduler's doing (a
@@ -59,6 +60,8 @@ KIND = "allocation"
 ALLOCATION_ENDED = "ALLOCATION_ENDED"
 # Where launch.run writes the allocation's batch script (the successor resubmits it).
 SCRIPT = "allocation.sbatch"
+# What the batch script runs: the coordinator, hosted as the allocation's batch step.
+HOST_MODULE = "launch.host"
 # squeue is asked about the steps at most this often.
 SQUEUE_INTERVAL_S = 2.0
 # What srun writes when a node of the step failed or cannot run it.
@@ -411,8 +414,6 @@ class AllocationExecutor(Executor):
 
 
 def script_path(run_dir) -> Path:
-    from shared.rundir import RunDir
-
     return RunDir(run_dir).coordinator_dir / SCRIPT
 
 
@@ -454,7 +455,8 @@ def render_script(cfg, plan, run_dir: str, python: str = sys.executable,
     lines += list(cl.setup)
     if workdir:
         lines.append(f"cd {shlex.quote(workdir)}")
-    lines.append(f"exec {python} -u -m {__name__} run {run_dir} --resubmit {run_dir}/coordinator/{SCRIPT}")
+    lines.append(f"exec {python} -u -m {HOST_MODULE} allocation {run_dir} "
+                 f"--resubmit {run_dir}/coordinator/{SCRIPT}")
     return "\n".join(lines) + "\n"
 
 
@@ -493,8 +495,6 @@ def submit_allocation(cfg, plan, run_dir: Path, dependency: Optional[str] = None
 
 def sbatch_script(path: Path, dependency: Optional[str]) -> str:
     """sbatch `path` (after `dependency`); returns the job id."""
-    from launch.executors.slurm import sbatch_command
-
     out = run_command(sbatch_command("--parsable", *([f"--dependency={dependency}"] if dependency else []),
                                      str(path)), timeout=120)
     if out.returncode != 0:
@@ -505,60 +505,8 @@ def sbatch_script(path: Path, dependency: Optional[str]) -> str:
 # ------------------------------------------------------------------------ entry points
 
 
-def continue_later(run_dir, script: Optional[str]) -> int:
-    """After the coordinator stopped on the allocation's pre-timeout signal: submit the
-    successor allocation (the run's own script, afterany), else requeue this one."""
-    from shared.rundir import RunDir, append_event
-
-    job_id = os.environ.get("SLURM_JOB_ID", "")
-    if script and Path(script).exists():
-        try:
-            successor = sbatch_script(Path(script), f"afterany:{job_id}")
-        except SchedulerError as e:
-            print(f"sluice: cannot submit the next allocation ({e}); requeueing job {job_id}",
-                  file=sys.stderr, flush=True)
-        else:
-            append_event(RunDir(run_dir), "allocation_handoff", from_job=job_id, to_job=successor)
-            print(f"sluice: the run goes on in allocation {successor} (starts when {job_id} ends)",
-                  flush=True)
-            return 0
-    out = run_command(["scontrol", "requeue", job_id])
-    if out.returncode == 0:
-        append_event(RunDir(run_dir), "allocation_requeued", job=job_id)
-        print(f"sluice: requeued allocation {job_id}: the run resumes when it starts again",
-              flush=True)
-        return 0
-    print(f"sluice: cannot requeue allocation {job_id} ({out.stderr.strip()}). The run is saved: "
-          f"resume it with python -m launch.run launch.run_dir={run_dir}", file=sys.stderr, flush=True)
-    return 0
-
-
-def run_in_allocation(run_dir, script: Optional[str] = None) -> int:
-    """The coordinator of an allocation run (the batch step, or launch.run in an salloc)."""
-    from launch import coordinator
-    from shared.files import read_json
-    from shared.partition import Plan
-    from shared.rundir import RunDir
-
-    run = read_json(RunDir(run_dir).run_file)
-    if run is None:
-        raise UserError(f"{run_dir}: not a Sluice run directory (no run.json).")
-    plan = Plan.from_dict(run["plan"])
-    require_allocation("launch.executor=allocation").check(plan, job_units(plan, True))
-    signal.signal(signal.SIGUSR2, coordinator._request_handoff)
-    rc = coordinator.main([str(run_dir)])
-    if rc == coordinator.HANDED_OFF:
-        return continue_later(run_dir, script)
-    return rc
-
-
 def run_task(run_dir: str, key: str, job_id: str, redo: Optional[str], step: Optional[int]) -> int:
     """One task of a job step: the worker of (SLURM_NODEID, SLURM_LOCALID)."""
-    from shared.files import read_json
-    from shared.partition import Plan
-    from shared.rundir import RunDir
-    from shared.worker import load_run_config
-
     rd = RunDir(run_dir)
     plan = Plan.from_dict(read_json(rd.run_file)["plan"])
     units = job_units(plan, True)
@@ -578,9 +526,6 @@ def run_task(run_dir: str, key: str, job_id: str, redo: Optional[str], step: Opt
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.executors.allocation")
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="the coordinator, inside the allocation")
-    r.add_argument("run_dir")
-    r.add_argument("--resubmit", help="the batch script to submit as the successor allocation")
     t = sub.add_parser("task", help="one task of a job step (srun starts it)")
     t.add_argument("run_dir")
     t.add_argument("--job-key", required=True)
@@ -589,8 +534,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t.add_argument("--step", type=int)
     args = p.parse_args(argv)
     try:
-        if args.cmd == "run":
-            return run_in_allocation(Path(args.run_dir).resolve(), args.resubmit)
         return run_task(args.run_dir, args.job_key, args.job_id, args.redo, args.step)
     except UserError as e:
         print(f"sluice: {e.message}", file=sys.stderr, flush=True)

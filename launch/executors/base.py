@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import submitit
+
+from launch.processes import child_pids
 from shared import jobenv
 from shared.partition import JobPlan, WorkerPlan
 from shared.pipeline import ROLE
@@ -73,14 +76,6 @@ def _worker_preexec() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-
-
-def child_pids(pid: int) -> List[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(c) for c in text.split()]
 
 
 def job_end_path(run_dir, job_id: str) -> Path:
@@ -232,8 +227,6 @@ class UnitTask:
             return None
 
     def __call__(self) -> int:
-        import submitit
-
         jenv = submitit.JobEnvironment()
         return self.run(str(jenv.job_id), jenv.node, jenv.local_rank, jenv.global_rank)
 

@@ -20,45 +20,15 @@ from typing import Dict, List, Optional
 import submitit
 from submitit.local.local import LocalJob
 
-from launch.executors.base import (Executor, UnitTask, child_pids, job_name,
-                                   key_of_job_name, log_folder, time_limit_min)
+from launch.executors.base import (Executor, UnitTask, job_name, key_of_job_name, log_folder,
+                                   time_limit_min)
+from launch.processes import pid_alive, process_tree, signal_all
 from shared import jobenv
 from shared.partition import JobPlan, job_units
 
 # The job name of a local job, in its controller's environment (Slurm has the real name):
 # how a restarted coordinator finds the jobs of its run that state.json does not record.
 JOB_NAME_ENV = "SLUICE_JOB_NAME"
-
-
-def pid_alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        return "\nState:\tZ" not in status
-    except FileNotFoundError:
-        return False
-
-
-def process_tree(pid: int) -> List[int]:
-    """pid and its descendants, parents first."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop(0)
-        out.append(p)
-        todo.extend(child_pids(p))
-    return out
-
-
-def _signal_all(pids: List[int], sig: int) -> None:
-    for p in pids:
-        try:
-            os.kill(p, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class LocalExecutor(Executor):
@@ -158,13 +128,13 @@ class LocalExecutor(Executor):
         elif not (pid_alive(pid) and self._is_controller(job)):
             return
         tree = process_tree(pid)
-        _signal_all(tree[::-1], signal.SIGTERM)  # the workers first: they release their claims
+        signal_all(tree[::-1], signal.SIGTERM)  # the workers first: they release their claims
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(pid_alive(p) for p in tree):
             if proc is not None:
                 proc.poll()  # reap the controller if it is our child
             time.sleep(0.1)
-        _signal_all([p for p in tree if pid_alive(p)], signal.SIGKILL)
+        signal_all([p for p in tree if pid_alive(p)], signal.SIGKILL)
         if proc is not None:
             try:
                 proc.wait(timeout=5)

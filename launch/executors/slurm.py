@@ -33,8 +33,9 @@ from typing import Dict, List, Optional, Tuple
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
-from launch.executors.base import (Executor, SchedulerError, UnitTask, job_name, key_of_job_name, run_command,
-                                   log_folder, time_limit_min)
+from launch.executors.base import (Executor, LaunchContext, SchedulerError, UnitTask, job_name,
+                                   key_of_job_name, log_folder, run_command, time_limit_min,
+                                   worker_command)
 from shared import sbatch
 from shared.partition import JobPlan, job_units
 
@@ -132,8 +133,6 @@ def render_run(cfg, plan, run_dir: str = "/RUN_DIR", python: str = "PYTHON") -> 
     script, then per job its sbatch script and, per task, the worker's GPUs (indices into the
     job's CUDA_VISIBLE_DEVICES on its node) and command line. launch.dry_run prints it;
     tests/golden pins it for every recipe."""
-    from launch.executors.base import LaunchContext, worker_command
-
     ctx = LaunchContext("$SLURM_JOB_ID", "$SLURM_LAUNCH_NODE_IPADDR", "$((20000 + SLURM_JOB_ID % 20000))")
     out = [f"# what the Slurm executor submits: {len(plan_units := job_units(plan, True))} role "
            f"job(s) on {sum(len(u.nodes) for u in plan_units)} node(s) (cluster.num_nodes="

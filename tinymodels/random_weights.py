@@ -1,12 +1,12 @@
 """Random-weight Qwen3 models and tokenizers, built in-process (no download).
 
-    python -m testing.tiny /tmp/sluice-tiny                  # build (or reuse) and print the paths
-    python -m testing.tiny /tmp/sluice-tiny --seed 1         # another set of random weights
-    python -m testing.tiny /tmp/sluice-tiny --set realshape  # the real-shape models
+    python -m tinymodels.random_weights /tmp/sluice-tiny                  # build (or reuse) and print the paths
+    python -m tinymodels.random_weights /tmp/sluice-tiny --seed 1         # another set of random weights
+    python -m tinymodels.random_weights /tmp/sluice-tiny --set realshape  # the real-shape models
 
 From Python (tests, smoke):
 
-    from testing.tiny import build_tiny_models, build_real_shape_models
+    from tinymodels.random_weights import build_tiny_models, build_real_shape_models
     paths = build_tiny_models("/tmp/sluice-tiny")
     # {"student": ".../student", "student-tied": ..., "teacher": ..., "tokenizer": ...}
 
@@ -155,6 +155,7 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
     With `vocab_size` above VOCAB_SIZE (the real-shape models: Qwen3's 151,936) the BPE
     vocabulary is padded with never-merged filler tokens `<|reserved_i|>` before the added
     tokens, which take the last ids as in Qwen."""
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
     from tokenizers import pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -178,7 +179,7 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
     if tok.get_vocab_size() != VOCAB_SIZE - len(ADDED_TOKENS):
         raise RuntimeError(
             f"tiny tokenizer: BPE training gave {tok.get_vocab_size()} ids, expected "
-            f"{VOCAB_SIZE - len(ADDED_TOKENS)}; the corpus in testing/tiny.py is too small for "
+            f"{VOCAB_SIZE - len(ADDED_TOKENS)}; the corpus in tinymodels/random_weights.py is too small for "
             f"VOCAB_SIZE={VOCAB_SIZE}: enlarge _corpus() or lower VOCAB_SIZE"
         )
     if vocab_size > VOCAB_SIZE:
@@ -207,6 +208,7 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
 
 
 def qwen3_config(sizes: dict, tokenizer):
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     from transformers import Qwen3Config
 
     return Qwen3Config(
@@ -224,6 +226,7 @@ def qwen3_config(sizes: dict, tokenizer):
 
 
 def _save_model(sizes: dict, tokenizer, seed: int, out: Path) -> None:
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     import torch
     from transformers import GenerationConfig, Qwen3ForCausalLM
 
@@ -231,7 +234,7 @@ def _save_model(sizes: dict, tokenizer, seed: int, out: Path) -> None:
     torch.manual_seed(seed)
     dtype = getattr(torch, sizes.get("dtype", "float32"))
     model = Qwen3ForCausalLM(config).to(dtype).eval()
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         model.save_pretrained(out, safe_serialization=True)
     # Only stop/pad ids: vLLM applies a checkpoint's generation_config as default sampling
     # parameters, and tests want the engine's defaults, not ours.
@@ -243,7 +246,8 @@ def _save_model(sizes: dict, tokenizer, seed: int, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_progress_bars():
+def quiet_progress_bars():
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -285,6 +289,7 @@ def _is_complete(out_dir: Path, model_set: str, want: dict) -> bool:
 def _fingerprint(model_set: str, seed: int) -> dict:
     # Library versions are part of the key: a new torch may draw different random weights,
     # a new tokenizers may merge differently.
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     import tokenizers
     import torch
     import transformers

@@ -1,15 +1,15 @@
 """A tiny Qwen3 that writes `<think>` traces and solves synthetic arithmetic, trained on CPU.
 
-    python -m testing.thinker                      # build (or reuse) tiny_models_dir()/thinker
-    python -m testing.thinker /tmp/sluice-tiny     # build into /tmp/sluice-tiny/thinker
+    python -m tinymodels.thinker                      # build (or reuse) tiny_models_dir()/thinker
+    python -m tinymodels.thinker /tmp/sluice-tiny     # build into /tmp/sluice-tiny/thinker
 
 From Python (tests, smoke, the learning check):
 
-    from testing.thinker import build_thinker, evaluate
+    from tinymodels.thinker import build_thinker, evaluate
     path = build_thinker()                        # -> ".../tiny-models/thinker"; `tiny:thinker`
     evaluate(path, heldout_problems())            # {"accuracy": .., "trace_rate": .., ...}
 
-Why: the random tiny models of testing/tiny.py never write `<think>...</think>`, so the
+Why: the random tiny models of tinymodels/random_weights.py never write `<think>...</think>`, so the
 context/self-distillation smoke has no trace to extract, and a learning check needs a teacher
 that actually solves problems. This one is the tiny TEACHER architecture (hidden 256, 4
 layers, same tokenizer), freshly initialised (std 0.02) and trained with a plain AdamW loop
@@ -65,6 +65,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from shared.data import PromptBuilder, synthetic_arithmetic
+from shared.models import tiny_models_dir
+from shared.recipe import load
+from tinymodels.random_weights import (INIT_STD, TEACHER_CONFIG, TINY_VERSION, build_tokenizer,
+                                       locked, quiet_progress_bars, qwen3_config)
+
 # Bump when anything below changes what gets trained or written.
 THINKER_VERSION = 1
 
@@ -107,8 +113,6 @@ def heldout_problems(n: int = 64) -> List[Dict[str, str]]:
     """The evaluation set: `synthetic_arithmetic("validation")` when its operands lie within
     OPERAND_MAX (i.e. once shared/data.py draws from the same range), otherwise the same
     generator (seed 1, same draw order) restricted to OPERAND_MAX."""
-    from shared.data import synthetic_arithmetic
-
     rows = synthetic_arithmetic("validation", n)
     if all(max(map(int, re.findall(r"\d+", r["problem"]))) <= OPERAND_MAX for r in rows):
         return rows
@@ -128,14 +132,10 @@ def training_stream(seed: int, operand_max: int = OPERAND_MAX):
 
 @functools.lru_cache(maxsize=None)
 def _recipe():
-    from shared.recipe import load
-
     return load(RECIPE)[0]
 
 
 def prompt_builder(tokenizer):
-    from shared.data import PromptBuilder
-
     cfg = _recipe()
     return PromptBuilder(cfg, tokenizer, cfg.data.train)
 
@@ -164,6 +164,7 @@ def generate_batched(model, tokenizer, prompts: List[List[int]], max_new_tokens:
     """The generated token ids of each prompt (batched, left padding, up to max_new_tokens;
     what follows the first stop token is padding). `sampling`: model.generate's
     do_sample / temperature / top_k / top_p."""
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     import torch
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -200,6 +201,7 @@ def evaluate_model(model, tokenizer, problems: Sequence[Dict[str, Any]], max_new
     """Greedy accuracy (last `\\boxed{int}` == the row's integer answer) and trace rate
     (fraction of completions with a `<think>...</think>` span) of an in-memory model.
     `threads`: torch threads while decoding (restored after; None keeps the current)."""
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     import torch
 
     builder = prompt_builder(tokenizer)
@@ -237,13 +239,12 @@ def evaluate(model_path: str | os.PathLike, problems: Sequence[Dict[str, Any]],
     Returns {"accuracy", "trace_rate", "n", "accuracy_by_op"} (+ "texts" if asked). Prompts
     are rendered as the run pipeline renders student prompts (the `smoke` recipe's cot.txt
     and chat template), so any model sharing the tiny tokenizer can be scored this way."""
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from testing.tiny import _quiet_progress_bars
-
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     return evaluate_model(model, tokenizer, problems, max_new_tokens, batch_size, return_texts,
                           threads)
@@ -271,6 +272,7 @@ def _batch_loss(model, batch: List[tuple[List[int], List[int]]], pad: int):
     """Mean cross-entropy over the answer tokens of a batch; the prompts' shared prefix runs
     once and its KV cache is repeated over the batch. Suffixes are right-padded: with causal
     attention, padding after a sequence never affects it, so no attention mask is needed."""
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     import torch
     import torch.nn.functional as F
     from transformers.cache_utils import DynamicCache
@@ -301,10 +303,9 @@ def train_thinker(seed: int = 0, minutes: float = DEFAULT_MINUTES, max_steps: in
                   weight_decay: float = 0.01, eval_every: int = 50, eval_n: int = 64,
                   target_accuracy: float = 0.8, threads: int = 1, log=print):
     """Train the thinker in memory; returns (model, tokenizer, info dict)."""
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     import torch
     from transformers import Qwen3ForCausalLM
-
-    from testing.tiny import INIT_STD, TEACHER_CONFIG, qwen3_config, build_tokenizer
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -378,11 +379,10 @@ def train_thinker(seed: int = 0, minutes: float = DEFAULT_MINUTES, max_steps: in
 # Build / cache
 
 def _fingerprint(seed: int, tokenizer, train_kwargs: dict) -> dict:
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     import tokenizers
     import torch
     import transformers
-
-    from testing.tiny import TEACHER_CONFIG, TINY_VERSION
 
     return {
         "thinker_version": THINKER_VERSION,
@@ -416,11 +416,10 @@ def _is_complete(out_dir: Path, want: dict) -> bool:
 
 
 def _save(model, tokenizer, out: Path) -> None:
+    # lazy: loaded only to build a model (launch.run imports this module for every recipe)
     from transformers import GenerationConfig
 
-    from testing.tiny import _quiet_progress_bars
-
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         model.save_pretrained(out, safe_serialization=True)
     # As tiny.py: only stop/pad ids, so vLLM keeps its own default sampling parameters.
     GenerationConfig(eos_token_id=[model.config.eos_token_id, model.config.pad_token_id],
@@ -436,9 +435,6 @@ def build_thinker(out_dir: str | os.PathLike | None = None, minutes: float = DEF
     A complete build (marker present with this code version, seed, library versions and
     prompt rendering) is reused whatever `minutes` says; builders of one `out_dir` are
     serialised with a file lock. `train_kwargs` go to `train_thinker` (lr, batch_size, ...)."""
-    from shared.models import tiny_models_dir
-    from testing.tiny import build_tokenizer, locked
-
     out_dir = Path(out_dir if out_dir is not None else tiny_models_dir()).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / NAME
@@ -477,8 +473,6 @@ def build_thinker(out_dir: str | os.PathLike | None = None, minutes: float = DEF
 
 def build_info(out_dir: str | os.PathLike | None = None) -> Optional[dict]:
     """What the last complete build under `out_dir` reached (steps, seconds, accuracy...)."""
-    from shared.models import tiny_models_dir
-
     have = _read_marker(Path(out_dir if out_dir is not None else tiny_models_dir()))
     return have.get("result") if have else None
 
