@@ -63,7 +63,7 @@ _HANDOFF = threading.Event()
 HANDED_OFF = 3
 
 
-def request_handoff(signum=None, frame=None) -> None:
+def request_handoff(signum, frame) -> None:
     """The hand-off flag (a signal handler): the loop stops at its next poll, saved."""
     _HANDOFF.set()
 

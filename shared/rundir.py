@@ -338,7 +338,7 @@ def pick_weights(rd: RunDir, step: int, max_staleness: int) -> Optional[Tuple[in
     of its window, the dir None for version 0 (the base model); None while no version of the
     window is committed (wait)."""
     window = weights_window(step, max_staleness)
-    version, path = latest_weights(rd, at_most=window[-1]) if len(window) else (-1, None)
+    version, path = latest_weights(rd, at_most=window.stop - 1)
     if version >= max(window.start, 1):
         return version, path
     return (0, None) if window.start == 0 else None
